@@ -1,0 +1,1 @@
+"""Optimizers: a functional AdamW core under thin stateful classes."""

@@ -1,0 +1,183 @@
+"""Seeded random bases shared by every RandLoRA layer, in PEFT's layout.
+
+One set is sized for the largest targeted shape and sliced per layer:
+``A`` is ``(r, 1, d_max)`` (one A for all bases, on the smaller side) and ``B`` is
+``(D_max, N_max, r)``. Bases are generated in fp32 on a CPU generator, so a seed gives
+the same bases on every machine and device; a fingerprint identifies them in checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+BASIS_KINDS = ("dense", "sparse", "very_sparse")
+
+
+def num_bases(out_features: int, in_features: int, rank: int) -> int:
+    """Number of rank-``r`` bases a layer needs for a full-rank update: ceil(min(out, in) / r)."""
+    return -(-min(out_features, in_features) // rank)
+
+
+def check_rank(rank) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be a positive integer, got {rank!r} of type {type(rank).__name__}")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    return rank
+
+
+@dataclass(frozen=True)
+class LayerBases:
+    """The slice of the shared bases one ``out x in`` layer uses.
+
+    ``A``: ``(r, 1, d)``; ``B``: ``(D, r*N)`` with column ``n*r + k`` holding base ``n``'s column ``k``.
+    ``transposed`` is True when ``in > out``: the update is then ``(B @ Ahat)^T``.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def transposed(self) -> bool:
+        return self.in_features > self.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def num_bases(self) -> int:
+        return self.B.shape[1] // self.rank
+
+
+@dataclass(frozen=True)
+class RandLoRABases:
+    A: torch.Tensor
+    B: torch.Tensor
+    kind: str = "dense"
+    seed: int = 0
+    fingerprint: str = ""
+    _layers: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def max_shape(self) -> tuple[int, int]:
+        """(min side, max side) these bases cover."""
+        return self.A.shape[-1], self.B.shape[0]
+
+    def covers(self, out_features: int, in_features: int) -> bool:
+        d, D = sorted((out_features, in_features))
+        return d <= self.A.shape[-1] and D <= self.B.shape[0] and num_bases(d, d, self.rank) <= self.B.shape[1]
+
+    def layer(self, out_features: int, in_features: int) -> LayerBases:
+        """Slice for one layer; cached per shape so the flattened B is made once."""
+        key = (out_features, in_features)
+        cached = self._layers.get(key)
+        if cached is not None:
+            return cached
+        if not self.covers(out_features, in_features):
+            raise ValueError(
+                f"bases of rank {self.rank} cover shapes up to min side {self.A.shape[-1]} and max side "
+                f"{self.B.shape[0]}, but a layer of shape (out={out_features}, in={in_features}) was asked for"
+            )
+        d, D = sorted((out_features, in_features))
+        n = num_bases(out_features, in_features, self.rank)
+        A = self.A[:, :, :d]
+        B = self.B[:D, :n, :].reshape(D, n * self.rank)
+        layer = LayerBases(A, B, out_features, in_features)
+        self._layers[key] = layer
+        return layer
+
+    def to(self, device=None, dtype=None) -> "RandLoRABases":
+        return RandLoRABases(
+            self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype), self.kind, self.seed,
+            self.fingerprint,
+        )
+
+    def fingerprint_tensor(self) -> torch.Tensor:
+        """The fingerprint as an int64 tensor, for tensor-only state dicts."""
+        return fingerprint_to_tensor(self.fingerprint)
+
+    def check_fingerprint(self, expected, what: str = "checkpoint") -> None:
+        if isinstance(expected, torch.Tensor):
+            expected = tensor_to_fingerprint(expected)
+        if expected != self.fingerprint:
+            raise ValueError(
+                f"RandLoRA bases fingerprint mismatch: the {what} was made with bases {expected!r}, "
+                f"but these bases are {self.fingerprint!r} (seed={self.seed}, kind={self.kind!r}, "
+                f"rank={self.rank}, max_shape={self.max_shape}); use the same seed, kind, rank and target modules"
+            )
+
+
+def compute_fingerprint(A: torch.Tensor, B: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in (A, B):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        digest.update(repr(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def fingerprint_to_tensor(fingerprint: str) -> torch.Tensor:
+    return torch.tensor([int(fingerprint[i : i + 8], 16) for i in range(0, 32, 8)], dtype=torch.int64)
+
+
+def tensor_to_fingerprint(t: torch.Tensor) -> str:
+    return "".join(f"{int(v):08x}" for v in t.tolist())
+
+
+def _ternary(uniform: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Entries -1/0/+1 with P(-1) = P(+1) = 1/(2*sparsity), as in Achlioptas' sparse projections."""
+    out = torch.zeros_like(uniform)
+    out[uniform < 1 / (2 * sparsity)] = -1
+    out[uniform > 1 - 1 / (2 * sparsity)] = 1
+    return out
+
+
+def make_bases(max_shape, rank: int, seed: int = 0, kind: str = "dense") -> RandLoRABases:
+    """Generate the shared bases for layers up to ``max_shape = (out, in)`` (elementwise max over layers).
+
+    Generation order follows PEFT (A first, then B); values are fp32 from a CPU generator so they do
+    not depend on the machine, then normalised by their standard deviation.
+    """
+    check_rank(rank)
+    if kind not in BASIS_KINDS:
+        raise ValueError(f"kind must be one of {BASIS_KINDS}, got {kind!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    out_features, in_features = (int(s) for s in max_shape)
+    if out_features <= 0 or in_features <= 0:
+        raise ValueError(f"max_shape must be two positive sizes (out, in), got {tuple(max_shape)}")
+    d, D = sorted((out_features, in_features))
+    n = num_bases(d, d, rank)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "dense":
+        bound_A, bound_B = 1 / math.sqrt(d), 1 / math.sqrt(rank)
+        A = (torch.rand((rank, 1, d), generator=generator, dtype=torch.float32) * 2 - 1) * bound_A
+        B = torch.cat(
+            [(torch.rand((D, 1, rank), generator=generator, dtype=torch.float32) * 2 - 1) * bound_B for _ in range(n)],
+            dim=1,
+        )
+    else:
+        sparsity = 3.0 if kind == "sparse" else math.sqrt(d)
+        A = _ternary(torch.rand((rank, 1, d), generator=generator, dtype=torch.float32), sparsity)
+        B = _ternary(torch.rand((D, n, rank), generator=generator, dtype=torch.float32), sparsity)
+    A, B = A / A.std(), B / B.std()
+    return RandLoRABases(A, B, kind, seed, compute_fingerprint(A, B))
+
+
+def bases_from_tensors(A: torch.Tensor, B: torch.Tensor, kind: str = "dense", seed: int = -1) -> RandLoRABases:
+    """Wrap existing bases (e.g. loaded from a PEFT adapter) in PEFT's layout ``(r,1,d)`` / ``(D,N,r)``."""
+    if A.dim() != 3 or A.shape[1] != 1 or B.dim() != 3 or B.shape[2] != A.shape[0]:
+        raise ValueError(
+            f"bases must have shapes A=(r, 1, d) and B=(D, N, r); got A={tuple(A.shape)} B={tuple(B.shape)}"
+        )
+    return RandLoRABases(A, B, kind, seed, compute_fingerprint(A, B))

@@ -1,0 +1,198 @@
+"""RandLoRA adapter modules: a linear layer, injection by target module names, merge/unmerge/unload."""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .autograd import randlora_linear
+from .bases import RandLoRABases, check_rank, make_bases
+from .functional import delta_weight, init_coefficients
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional
+        return None
+    return Conv1D
+
+
+def linear_shape(module: nn.Module):
+    """``(out, in, fan_in_fan_out)`` of an ``nn.Linear`` or transformers ``Conv1D``; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features, False
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        in_features, out_features = module.weight.shape
+        return out_features, in_features, True
+    return None
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight viewed as ``out x in`` (a transpose view for ``Conv1D``)."""
+    return module.weight.T if linear_shape(module)[2] else module.weight
+
+
+class SharedBases(nn.Module):
+    """Holds the shared bases once for all layers (registered as a submodule of each layer, like tied
+    weights, so ``model.to(...)`` moves them once). Not saved in the state dict: seed + fingerprint suffice."""
+
+    def __init__(self, bases: RandLoRABases):
+        super().__init__()
+        self.register_buffer("A", bases.A, persistent=False)
+        self.register_buffer("B", bases.B, persistent=False)
+        self.kind, self.seed, self.fingerprint = bases.kind, bases.seed, bases.fingerprint
+        self._bases = None
+
+    @property
+    def bases(self) -> RandLoRABases:
+        if self._bases is None:
+            self._bases = RandLoRABases(self.A, self.B, self.kind, self.seed, self.fingerprint)
+        return self._bases
+
+    def _apply(self, fn, *args, **kwargs):
+        self._bases = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+class RandLoRALinear(nn.Module):
+    """A frozen ``nn.Linear``/``Conv1D`` plus a RandLoRA update, computed by the memory-saving autograd core."""
+
+    def __init__(self, base_layer: nn.Module, shared: SharedBases, rank: int, alpha: float = 640.0,
+                 dropout: float = 0.0, init_weights: bool = True):
+        super().__init__()
+        shape = linear_shape(base_layer)
+        if shape is None:
+            raise ValueError(f"RandLoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.out_features, self.in_features, self.fan_in_fan_out = shape
+        self.rank = check_rank(rank)
+        self.scaling = alpha / rank
+        self.base_layer = base_layer
+        self.shared = shared
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base_layer.weight
+        lam, gam = init_coefficients(self.out_features, self.in_features, rank, dtype=weight.dtype,
+                                     device=weight.device)
+        if not init_weights:
+            lam.normal_()
+        self.randlora_lambda = nn.Parameter(lam)
+        self.randlora_gamma = nn.Parameter(gam)
+        self.merged = False
+
+    @property
+    def layer_bases(self):
+        return self.shared.bases.layer(self.out_features, self.in_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base layer's storage layout."""
+        dw = delta_weight(self.layer_bases, self.randlora_lambda, self.randlora_gamma, self.scaling,
+                          (self.out_features, self.in_features))
+        return dw.T if self.fan_in_fan_out else dw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        x_adapter = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else x
+        lam, gam = self.randlora_lambda.to(x.dtype), self.randlora_gamma.to(x.dtype)
+        return randlora_linear(x, weight_out_in(self.base_layer), self.base_layer.bias, lam, gam,
+                               self.layer_bases, self.scaling, x_adapter=x_adapter)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"out={self.out_features}, in={self.in_features}, rank={self.rank}, scaling={self.scaling:g}, "
+                f"bases={self.shared.fingerprint[:8]}")
+
+
+def target_matches(name: str, target_modules) -> bool:
+    """PEFT's rule: a regex string must match the whole name; a list matches a name or a dotted suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs a target spec selects; a clear error if none, or if one is not linear."""
+    if not target_modules or not (isinstance(target_modules, str) or
+                                  all(isinstance(t, str) for t in target_modules)):
+        raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+    found = [(n, m) for n, m in model.named_modules() if n and target_matches(n, target_modules)]
+    if not found:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_shape(m) is not None})
+        raise ValueError(f"target_modules={target_modules!r} matched no module of the model; "
+                         f"its linear layers are named {names}")
+    for name, module in found:
+        if linear_shape(module) is None and not isinstance(module, RandLoRALinear):
+            raise ValueError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
+                             "only nn.Linear and transformers Conv1D layers can be targeted")
+    return found
+
+
+def largest_shape(shapes: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    shapes = list(shapes)
+    return max(s[0] for s in shapes), max(s[1] for s in shapes)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_randlora(model: nn.Module, target_modules, rank: int = 32, alpha: float = 640.0, dropout: float = 0.0,
+                    seed: int = 0, kind: str = "dense", init_weights: bool = True,
+                    bases: RandLoRABases | None = None) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` (in place) by ``RandLoRALinear``; freeze everything else
+    of those layers. Bases are generated from ``seed`` for the largest targeted shape unless given."""
+    check_rank(rank)
+    targets = find_targets(model, target_modules)
+    shapes = [linear_shape(m)[:2] for _, m in targets]
+    if bases is None:
+        bases = make_bases(largest_shape(shapes), rank, seed=seed, kind=kind)
+    elif bases.rank != rank:
+        raise ValueError(f"bases have rank {bases.rank} but rank={rank} was asked for")
+    weight = targets[0][1].weight
+    shared = SharedBases(bases.to(device=weight.device, dtype=weight.dtype))
+    for name, module in targets:
+        module.weight.requires_grad_(False)
+        _set_submodule(model, name, RandLoRALinear(module, shared, rank, alpha, dropout, init_weights))
+    return model
+
+
+def randlora_layers(model: nn.Module) -> list[tuple[str, RandLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RandLoRALinear)]
+
+
+def merge_randlora(model: nn.Module) -> None:
+    for _, module in randlora_layers(model):
+        module.merge()
+
+
+def unmerge_randlora(model: nn.Module) -> None:
+    for _, module in randlora_layers(model):
+        module.unmerge()
+
+
+def unload_randlora(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Put the base layers back (with the update merged in when ``merge``) and return the model."""
+    for name, module in randlora_layers(model):
+        if merge:
+            module.merge()
+        elif module.merged:
+            module.unmerge()
+        _set_submodule(model, name, module.base_layer)
+    return model
