@@ -1,1 +1,7 @@
-"""Optimizers: a functional AdamW core under thin stateful classes."""
+"""Optimizers: one functional AdamW core under thin stateful classes."""
+from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
+from .groups import param_groups
+from .randlora_adamw import RandLoRAAdamW
+
+__all__ = ["RandLoRAAdamW", "adam_direction", "adamw_step_", "check_hyperparameters", "param_groups",
+           "update_moments_"]
