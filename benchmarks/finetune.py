@@ -1,0 +1,206 @@
+"""The README's main job: fine-tune the offline MiniLM on a real task with randopt's optimizers and
+their peers, and print/write a table of accuracy, time and optimizer-state memory.
+
+    python -m benchmarks.finetune [--task polarity|gender] [--steps N] [--methods a,b,...] [--seeds 0,1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.tasks import TASKS, Task, minilm_dir
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(tensor_bytes(state.values()) for state in optimizer.state.values())
+
+
+def load_model(num_labels: int):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
+
+
+def freeze_all_but(model, trainable: Callable[[str], bool]):
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable(name))
+    return model
+
+
+def is_head(name: str) -> bool:
+    return name.startswith("classifier.")
+
+
+def is_target_weight(name: str) -> bool:
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in TARGETS
+
+
+# ----- methods: each builds (model, optimizer, trainable parameter count) -------------------------------
+def full_ft(num_labels, lr):
+    model = load_model(num_labels)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def peft_lora(num_labels, lr, rank=8):
+    import peft
+
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+    model = peft.get_peft_model(load_model(num_labels), config)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def randlora_adamw(num_labels, lr, rank=32, **options):
+    import randopt
+
+    model = freeze_all_but(load_model(num_labels), lambda n: is_head(n) or is_target_weight(n))
+    groups = randopt.param_groups(model, TARGETS, rank=rank)
+    return model, randopt.RandLoRAAdamW(groups, lr=lr, **options)
+
+
+@dataclass
+class Method:
+    build: Callable
+    lr: float
+    note: str = ""
+    kwargs: dict = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    "full FT (torch AdamW)": Method(full_ft, 5e-5, "all 22.7M parameters"),
+    "PEFT LoRA r8 (torch AdamW)": Method(peft_lora, 1e-3, "q,k,v,dense + head"),
+    "RandLoRAAdamW r32": Method(randlora_adamw, 5e-4, "q,k,v,dense + head; plain model"),
+}
+
+
+def batches(task: Task, tokenizer, batch_size: int, steps: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(task.train), generator=generator)
+                       for _ in range(math.ceil(steps * batch_size / len(task.train)))])
+    for step in range(steps):
+        chunk = [task.train[i] for i in order[step * batch_size:(step + 1) * batch_size].tolist()]
+        yield encode(tokenizer, chunk)
+
+
+def encode(tokenizer, examples):
+    inputs = tokenizer([text for text, _ in examples], padding=True, return_tensors="pt")
+    inputs["labels"] = torch.tensor([label for _, label in examples])
+    return inputs
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, examples, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        inputs = encode(tokenizer, examples[start:start + batch_size])
+        labels = inputs.pop("labels")
+        correct += (model(**inputs).logits.argmax(-1) == labels).sum().item()
+    model.train()
+    return correct / len(examples)
+
+
+def run(name: str, method: Method, task: Task, tokenizer, steps: int, batch_size: int, seed: int,
+        position: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model, optimizer = method.build(len(task.labels), method.lr, **method.kwargs)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    losses, step_times = [], []
+    progress = tqdm(batches(task, tokenizer, batch_size, steps, seed), total=steps, desc=f"{name} (seed {seed})",
+                    position=position, leave=True, dynamic_ncols=True)
+    for inputs in progress:
+        start = time.perf_counter()
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
+    return {"method": name, "seed": seed, "accuracy": accuracy(model, tokenizer, task.test), "losses": losses,
+            "train_seconds": sum(step_times), "step_ms": 1000 * statistics.median(step_times),
+            "state_bytes": optimizer_state_bytes(optimizer), "trainable": trainable, "note": method.note}
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["method"] for r in results):
+        runs = [r for r in results if r["method"] == name]
+        accs = [100 * r["accuracy"] for r in runs]
+        rows.append({"method": name, "accuracy": statistics.fmean(accs),
+                     "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(runs),
+                     "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+                     "step_ms": statistics.fmean(r["step_ms"] for r in runs),
+                     "state_mb": runs[0]["state_bytes"] / 2**20, "trainable": runs[0]["trainable"],
+                     "note": runs[0]["note"]})
+    return rows
+
+
+def markdown_table(rows: list[dict], baseline_accuracy: float) -> str:
+    lines = ["| method | test accuracy (%) | train time (s) | median step (ms) | optimizer state (MiB) | "
+             "trainable tensors | setup |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        acc = f"{row['accuracy']:.1f}" + (f" ± {row['accuracy_std']:.1f}" if row["seeds"] > 1 else "")
+        lines.append(f"| {row['method']} | {acc} | {row['train_seconds']:.1f} | {row['step_ms']:.0f} | "
+                     f"{row['state_mb']:.2f} | {row['trainable'] / 1e6:.2f}M | {row['note']} |")
+    lines.append(f"\nMajority-class accuracy on the test split: {100 * baseline_accuracy:.1f}%.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="polarity")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + "; ".join(METHODS))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "finetune.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    from transformers import AutoTokenizer
+
+    task = TASKS[args.task]()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = [run(name, METHODS[name], task, tokenizer, args.steps, args.batch_size, seed)
+               for seed in seeds for name in names]
+    majority = max(sum(l == k for _, l in task.test) for k in range(len(task.labels))) / len(task.test)
+    table = markdown_table(summarise(results), majority)
+    header = (f"# Fine-tuning MiniLM-L6 on {task.name}\n\n{len(task.train)} train / {len(task.test)} test examples, "
+              f"{args.steps} steps of batch {args.batch_size}, seeds {seeds}; {platform.processor() or platform.machine()}"
+              f", {torch.get_num_threads()} threads, torch {torch.__version__}. Command: "
+              f"`python -m benchmarks.finetune --task {args.task} --steps {args.steps} --seeds {args.seeds}`\n\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(header + table + "\n")
+    tmp.replace(args.out)
+    print("\n" + table)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
