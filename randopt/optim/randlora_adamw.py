@@ -29,7 +29,8 @@ from ..randlora.bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
 from .functional import adamw_step_, check_hyperparameters
 from .precision import add_update_
-from .state import check_state_dtype, init_moment, read_moment, write_moment
+from .state import (MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
+                    write_moment)
 
 COEFFICIENTS = ("lambda", "gamma")
 
@@ -55,13 +56,16 @@ class RandLoRAAdamW(Optimizer):
                  weight_decay: float = 1e-2, *, rank: int | None = None, alpha: float | None = None,
                  seed: int = 0, basis_kind: str = "dense", fan_in_fan_out: bool = False,
                  fused_backward: bool = False, data_parallel: bool = False, state_dtype: str = "fp32",
-                 rounding_seed: int = 0):
+                 min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0):
         """``alpha`` defaults to ``20 * rank`` (scale 20, PEFT's recommendation). ``fused_backward`` projects
         each weight's gradient inside backward and frees it at once (gradient accumulation works: the
         projections add up). ``data_parallel`` averages the coefficient gradients (and plain parameters'
         gradients) over the default process group at each step: use it instead of DDP, so no full-size
-        gradient is communicated. ``rounding_seed`` seeds the stochastic rounding of bf16 weights."""
+        gradient is communicated. ``state_dtype`` is ``"fp32"``, ``"bf16"`` (first moments only) or
+        ``"8bit"`` (block-wise quantised moments for tensors of at least ``min_8bit_size`` elements; see
+        ``randopt.optim.state``). ``rounding_seed`` seeds the stochastic rounding of bf16 weights."""
         check_state_dtype(state_dtype)
+        self.min_8bit_size = check_min_8bit_size(min_8bit_size)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, alpha=alpha,
                         seed=seed, basis_kind=basis_kind, fan_in_fan_out=fan_in_fan_out)
         self.fused_backward = fused_backward
@@ -189,13 +193,14 @@ class RandLoRAAdamW(Optimizer):
             state["lambda"], state["gamma"] = lam, gam
             state["bases_fingerprint"] = self._bases[self._bases_key(group)].fingerprint_tensor()
             for name, coefficient in zip(COEFFICIENTS, (lam, gam)):
-                init_moment(state, f"{name}_exp_avg", coefficient, self.state_dtype)
-                init_moment(state, f"{name}_exp_avg_sq", coefficient, self.state_dtype)
+                self._init_moments(state, f"{name}_", coefficient)
         else:
-            like = torch.empty(p.shape, dtype=dtype, device=p.device)
-            init_moment(state, "exp_avg", like, self.state_dtype)
-            init_moment(state, "exp_avg_sq", like, self.state_dtype)
+            self._init_moments(state, "", torch.empty(p.shape, dtype=dtype, device=p.device))
         return state
+
+    def _init_moments(self, state: dict, prefix: str, like: torch.Tensor) -> None:
+        for name in ("exp_avg", "exp_avg_sq"):
+            init_moment(state, prefix + name, like, self.state_dtype, self.min_8bit_size)
 
     def _project(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> list[torch.Tensor]:
         state = self._init_state(p, group)
