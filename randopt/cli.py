@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .squeeze.adapters import LayerReport, squeeze_lora
-from .squeeze.functional import ALPHA_POLICIES
+from .lorasqueeze.adapters import LayerReport, squeeze_lora
+from .lorasqueeze.functional import ALPHA_POLICIES
 
 
 def _alpha(text: str):

@@ -14,7 +14,7 @@ from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from randopt import cli
 from randopt.randlora import delta_weight, make_bases
 from randopt.randlora.bases import LayerBases
-from randopt.squeeze import (adapters, dense_operator, factored_svd, lora_scale, randlora_operator, randomized_svd,
+from randopt.lorasqueeze import (adapters, dense_operator, factored_svd, lora_scale, randlora_operator, randomized_svd,
                              select_rank, squeeze_factors, squeeze_lora, squeeze_operator)
 
 peft = pytest.importorskip("peft")
