@@ -1,124 +1,182 @@
-"""The module route's autograd core: a RandLoRA linear layer that saves only its input.
+"""The module route's autograd core: a RandLoRA linear layer that saves no ``d x d`` tensor.
 
 PEFT's layer saves the ``~d x d`` scaled basis through ``F.linear``. Here forward and backward
 rebuild ``Ahat`` from ``(lambda, gamma)`` (an elementwise product) and pick, per call, the cheaper of
 two contraction orders from the layer shape and the token count:
 
-- merged: form ``dW`` once (``D*rN*d``) and use it as a dense matrix; the coefficient gradients come
-  from ``project`` of the (transient, never saved) weight gradient, exactly as in the optimizer route;
+- merged: form ``dW`` (``D*rN*d``) and use it as a dense matrix, folded into the base weight when the
+  adapter sees the same input; the coefficient gradients come from projecting the transient weight gradient;
 - factored: go through the bases (``tokens * rN * (D + d)``), never forming a ``D x d`` matrix.
+
+Saved for backward: the adapter input when ``B`` sits on the output side; when ``B`` sits on the input
+side (``in > out``) and the forward is factored, ``x_a @ B`` (``tokens x rN``, no larger than the input)
+instead, which makes the coefficient gradients one small product.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .bases import LayerBases
-from .functional import coefficient_grads, matmul_flops, project, reconstruct, scaled_basis
+from .functional import coefficient_grads, matmul_flops, scaled_basis
 
 
-def _delta_factored(x: torch.Tensor, layer: LayerBases, basis: torch.Tensor, scale: float) -> torch.Tensor:
+def _backward_costs(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool,
+                    needs_coefficients: bool, through_bases: bool) -> tuple[int, int]:
+    """Multiply-adds of the adapter's backward, (merged, factored); ``g @ W`` is common to both and left out."""
+    c = matmul_flops(layer, tokens)
+    rec, dense, f_big, f_small = c["reconstruct"], c["dense"], c["factored_D"], c["factored_d"]
+    input_merged = rec + (0 if same_input else dense)
     if layer.transposed:
-        return F.linear(F.linear(x, layer.B.T), basis.T).mul_(scale)
-    return F.linear(F.linear(x, basis), layer.B).mul_(scale)
-
-
-def _forward_merged(layer: LayerBases, tokens: int, same_input: bool) -> bool:
-    cost = matmul_flops(layer, tokens)
-    merged = cost["reconstruct"] + (0 if same_input else cost["dense"])
-    return merged < cost["factored_D"] + cost["factored_d"]
-
-
-def _backward_merged(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool) -> bool:
-    cost = matmul_flops(layer, tokens)
-    merged = 2 * cost["reconstruct"] + cost["dense"]
-    factored = cost["factored_D"] + cost["factored_d"]
-    if layer.transposed:
-        factored += cost["factored_D"]  # the bases product of the input is recomputed, not saved
-    if needs_input_grad:
-        factored += cost["factored_d"] + (cost["factored_D"] if layer.transposed else 0)
-        merged += 0 if same_input else cost["dense"]
+        input_factored = f_small + f_big
+        if through_bases:
+            coef_merged = coef_factored = f_small
+        else:
+            coef_merged, coef_factored = dense + rec, f_big + f_small
     else:
-        merged -= cost["reconstruct"]
+        # g @ B serves both the input gradient and the coefficient gradients
+        input_factored = f_small + (0 if needs_coefficients else f_big)
+        coef_merged, coef_factored = dense + rec, f_big + f_small
+    merged = (input_merged if needs_input_grad else 0) + (coef_merged if needs_coefficients else 0)
+    factored = (input_factored if needs_input_grad else 0) + (coef_factored if needs_coefficients else 0)
+    return merged, factored
+
+
+def _forward_merged(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool = False,
+                    needs_coefficients: bool = False) -> bool:
+    c = matmul_flops(layer, tokens)
+    merged = c["reconstruct"] + (0 if same_input else c["dense"])
+    factored = c["factored_D"] + c["factored_d"]
+    if layer.transposed and needs_coefficients:
+        # only the factored forward leaves x_a @ B for the backward
+        merged += min(_backward_costs(layer, tokens, same_input, needs_input_grad, True, False))
+        factored += min(_backward_costs(layer, tokens, same_input, needs_input_grad, True, True))
     return merged < factored
 
 
-class RandLoRALinearFunction(torch.autograd.Function):
-    """``y = x W^T + b + s * dropout(x) dW(lambda, gamma)^T`` with ``W`` ``out x in``.
+def _backward_merged(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool,
+                     needs_coefficients: bool = True, through_bases: bool = False) -> bool:
+    merged, factored = _backward_costs(layer, tokens, same_input, needs_input_grad, needs_coefficients,
+                                       through_bases)
+    return merged < factored
 
-    ``x_adapter`` is the adapter's (dropped-out) input; pass ``x`` itself when there is no dropout,
-    which lets the merged order fold the update into the base weight.
+
+def _canonical_delta(layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
+    """``B @ basis`` (``D x d``): ``dW`` itself, or its transpose when ``in > out``."""
+    return layer.B @ basis
+
+
+def _merged_weight(weight: torch.Tensor, layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
+    if layer.transposed:
+        return torch.addmm(weight, basis.T, layer.B.T)
+    return torch.addmm(weight, layer.B, basis)
+
+
+def _linear_into(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(x, weight.T, out=y)
+    return torch.addmm(bias, x, weight.T, out=y)
+
+
+class RandLoRALinearFunction(torch.autograd.Function):
+    """``y = x W^T + b + x_a dW(lambda, gamma)^T`` with ``W`` ``out x in`` and ``dW`` scaled by ``scale``.
+
+    ``x_adapter`` (``x_a``) is the adapter's (dropped-out) input; pass ``x`` itself when there is no
+    dropout, which lets the merged order fold the update into the base weight.
     """
 
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, lam, gam, layer: LayerBases, scale: float):
         same_input = x_adapter is x
-        tokens = x.numel() // x.shape[-1]
-        basis = scaled_basis(layer.A, lam, gam)
-        if _forward_merged(layer, tokens, same_input):
-            delta = reconstruct(layer, basis, scale)
+        needs_x, needs_xa, needs_w, _, needs_lam, needs_gam = ctx.needs_input_grad[:6]
+        needs_input = needs_xa or (same_input and needs_x)
+        needs_coefficients = needs_lam or needs_gam
+        x2 = x.reshape(-1, layer.in_features)
+        xa2 = x2 if same_input else x_adapter.reshape(-1, layer.in_features)
+        tokens = x2.shape[0]
+        # the scale rides on lambda so no tokens-sized tensor is rescaled
+        basis = scaled_basis(layer.A, lam * scale, gam)
+        through_bases = None
+        # the output must not be a view (callers may modify it in place), so products write into it
+        out = x2.new_empty(x.shape[:-1] + (layer.out_features,))
+        y = out.view(tokens, layer.out_features)
+        if _forward_merged(layer, tokens, same_input, needs_input, needs_coefficients):
             if same_input:
-                y = F.linear(x, weight + delta, bias)
+                _linear_into(y, x2, _merged_weight(weight, layer, basis), bias)
             else:
-                y = F.linear(x, weight, bias) + F.linear(x_adapter, delta)
+                delta = _canonical_delta(layer, basis)
+                _linear_into(y, x2, weight, bias).addmm_(xa2, delta if layer.transposed else delta.T)
         else:
-            y = F.linear(x, weight, bias) + _delta_factored(x_adapter, layer, basis, scale)
+            _linear_into(y, x2, weight, bias)
+            if layer.transposed:
+                through_bases = xa2 @ layer.B
+                y.addmm_(through_bases, basis)
+            else:
+                y.addmm_(xa2 @ basis.T, layer.B.T)
+        keep_through_bases = needs_coefficients and through_bases is not None
+        adapter_saved = (through_bases if keep_through_bases else xa2) if needs_coefficients else None
         ctx.layer, ctx.scale, ctx.same_input = layer, scale, same_input
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, x_adapter, weight, lam, gam)
-        return y
+        ctx.has_bias, ctx.through_bases = bias is not None, keep_through_bases
+        ctx.save_for_backward(x2 if needs_w else None, adapter_saved, weight if needs_x else None,
+                              lam, gam)
+        return out
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, x_adapter, weight, lam, gam = ctx.saved_tensors
-        layer, scale, same_input = ctx.layer, ctx.scale, ctx.same_input
+        x2, adapter_saved, weight, lam, gam = ctx.saved_tensors
+        layer, scale, same_input, through_bases = ctx.layer, ctx.scale, ctx.same_input, ctx.through_bases
         needs_x, needs_xa, needs_w, needs_b, needs_lam, needs_gam = ctx.needs_input_grad[:6]
-        out_features, in_features = layer.out_features, layer.in_features
-        gy = grad_y.reshape(-1, out_features)
-        xa = x_adapter.reshape(-1, in_features)
-        tokens = gy.shape[0]
-        basis = scaled_basis(layer.A, lam, gam)
-        grad_x = grad_xa = grad_w = grad_b = grad_lam = grad_gam = None
+        needs_input = needs_xa or (same_input and needs_x)
         needs_coefficients = needs_lam or needs_gam
-        needs_xa = needs_xa or (same_input and needs_x)
+        g = grad_y.reshape(-1, layer.out_features)
+        tokens = g.shape[0]
+        B = layer.B
+        lam_scaled = lam * scale
+        basis = scaled_basis(layer.A, lam_scaled, gam)
+        grad_x = grad_xa = grad_w = grad_b = grad_lam = grad_gam = grad_basis = None
 
-        if _backward_merged(layer, tokens, same_input, needs_xa):
-            if needs_xa:
-                delta = reconstruct(layer, basis, scale)
-                if same_input:
-                    grad_x = gy @ (weight + delta)
-                else:
-                    grad_xa = gy @ delta
-            if needs_coefficients:
-                grad_lam, grad_gam = project(gy.T @ xa, layer, lam, gam, scale)
-        else:
-            if layer.transposed:
-                through_bases = xa @ layer.B  # tokens x rN
-                grad_basis = (through_bases.T @ gy).mul_(scale) if needs_coefficients else None
-                if needs_xa:
-                    grad_xa = ((gy @ basis.T) @ layer.B.T).mul_(scale)
+        if needs_input or needs_coefficients:
+            if _backward_merged(layer, tokens, same_input, needs_input, needs_coefficients, through_bases):
+                if needs_input and same_input:
+                    grad_x = g @ _merged_weight(weight, layer, basis)
+                elif needs_input:
+                    delta = _canonical_delta(layer, basis)
+                    grad_xa = g @ (delta.T if layer.transposed else delta)
+                if needs_coefficients and through_bases:
+                    grad_basis = adapter_saved.T @ g
+                elif needs_coefficients:
+                    # B.T @ (weight gradient, canonical D x d); transient, never saved
+                    grad_basis = B.T @ (adapter_saved.T @ g if layer.transposed else g.T @ adapter_saved)
+            elif layer.transposed:
+                if needs_coefficients:
+                    tb = adapter_saved if through_bases else adapter_saved @ B
+                    grad_basis = tb.T @ g
+                if needs_input:
+                    grad_xa = (g @ basis.T, B.T)
             else:
-                through_bases = gy @ layer.B  # tokens x rN
-                grad_basis = (through_bases.T @ xa).mul_(scale) if needs_coefficients else None
-                if needs_xa:
-                    grad_xa = (through_bases @ basis).mul_(scale)
-            if needs_coefficients:
-                grad_lam, grad_gam = coefficient_grads(grad_basis, layer.A, lam, gam)
+                gB = g @ B
+                if needs_coefficients:
+                    grad_basis = gB.T @ adapter_saved
+                if needs_input:
+                    grad_xa = (gB, basis)
         if needs_x and grad_x is None:
-            grad_x = gy @ weight
-            if same_input and grad_xa is not None:
-                grad_x += grad_xa
+            grad_x = g @ weight
+            if same_input:
+                grad_x.addmm_(*grad_xa)
                 grad_xa = None
+        if isinstance(grad_xa, tuple):
+            grad_xa = grad_xa[0] @ grad_xa[1]
+        if grad_basis is not None:
+            grad_lam, grad_gam = coefficient_grads(grad_basis, layer.A, lam_scaled, gam)
+            grad_lam = grad_lam.mul_(scale) if needs_lam else None
+            grad_gam = grad_gam if needs_gam else None
         if grad_x is not None:
-            grad_x = grad_x.view(grad_y.shape[:-1] + (in_features,))
+            grad_x = grad_x.view(grad_y.shape[:-1] + (layer.in_features,))
         if grad_xa is not None:
-            grad_xa = grad_xa.view(grad_y.shape[:-1] + (in_features,))
+            grad_xa = grad_xa.view(grad_y.shape[:-1] + (layer.in_features,))
         if needs_w:
-            grad_w = gy.T @ x.reshape(-1, in_features)
+            grad_w = g.T @ x2
         if needs_b and ctx.has_bias:
-            grad_b = gy.sum(0)
-        if same_input:
-            grad_xa = None
+            grad_b = g.sum(0)
         return grad_x, grad_xa, grad_w, grad_b, grad_lam, grad_gam, None, None
 
 

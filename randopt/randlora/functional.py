@@ -66,7 +66,8 @@ def coefficient_grads(grad_basis: torch.Tensor, A: torch.Tensor, lam: torch.Tens
     r, n = lam.shape
     weighted = grad_basis.view(r, n, -1) * A
     grad_lam = (weighted * gam).sum(-1)
-    grad_gam = torch.einsum("knj,kn->nj", weighted, lam)
+    # a broadcast product and a sum over k: einsum lowers this to a batched mat-vec that is ~10x slower on CPU
+    grad_gam = (weighted * lam[:, :, None]).sum(0)
     return grad_lam, grad_gam
 
 

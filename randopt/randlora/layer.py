@@ -160,16 +160,24 @@ def inject_randlora(model: nn.Module, target_modules, rank: int = 32, alpha: flo
     of those layers. Bases are generated from ``seed`` for the largest targeted shape unless given."""
     check_rank(rank)
     targets = find_targets(model, target_modules)
+    adapted = [name for name, module in targets if isinstance(module, RandLoRALinear)]
+    if adapted:
+        raise ValueError(f"target_modules={target_modules!r} matched layers that already have a RandLoRA adapter: "
+                         f"{adapted}")
     shapes = [linear_shape(m)[:2] for _, m in targets]
     if bases is None:
         bases = make_bases(largest_shape(shapes), rank, seed=seed, kind=kind)
     elif bases.rank != rank:
         raise ValueError(f"bases have rank {bases.rank} but rank={rank} was asked for")
+    for shape in set(shapes):
+        bases.layer(*shape)  # a clear error now rather than at the first forward
     weight = targets[0][1].weight
     shared = SharedBases(bases.to(device=weight.device, dtype=weight.dtype))
-    for name, module in targets:
-        module.weight.requires_grad_(False)
-        _set_submodule(model, name, RandLoRALinear(module, shared, rank, alpha, dropout, init_weights))
+    # build every adapter before replacing any layer, so that an error leaves the model as it was
+    adapters = [(name, RandLoRALinear(module, shared, rank, alpha, dropout, init_weights)) for name, module in targets]
+    for name, adapter in adapters:
+        adapter.base_layer.requires_grad_(False)
+        _set_submodule(model, name, adapter)
     return model
 
 

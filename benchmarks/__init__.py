@@ -1,0 +1,1 @@
+"""Benchmarks (numbers, not tests): run as ``python -m benchmarks.<name>`` from the repository root."""

@@ -1,0 +1,187 @@
+"""Shared benchmark helpers: interleaved timing, saved-for-backward bytes, machine description, markdown."""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 2**20
+
+SAVED_BYTES_RULE = (
+    "saved-for-backward bytes: every tensor autograd packs during one forward (caught with "
+    "`torch.autograd.graph.saved_tensors_hooks`), deduplicated by storage, counting whole storages, and "
+    "excluding storages of the model's parameters and buffers (they exist anyway); the input counts"
+)
+
+
+def add_thread_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable numbers on a shared machine)")
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    s = t.untyped_storage()
+    return str(t.device), s.data_ptr()
+
+
+def resident_storages(*objects) -> set[tuple[str, int]]:
+    """Storage keys of the parameters and buffers of modules, and of plain tensors, among ``objects``."""
+    keys = set()
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            tensors = list(obj.parameters()) + list(obj.buffers())
+        elif isinstance(obj, torch.Tensor):
+            tensors = [obj]
+        else:
+            tensors = list(obj)
+        keys.update(storage_key(t) for t in tensors if t.device.type != "meta")
+    return keys
+
+
+@dataclass
+class SavedTensors:
+    """Storages autograd packed for backward: ``by_storage`` maps a storage key to its byte size."""
+
+    by_storage: dict
+    shapes: list
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.by_storage.values())
+
+
+def saved_for_backward(forward: Callable[[], object], exclude: Iterable = ()) -> tuple[object, SavedTensors]:
+    """Run ``forward`` and record what autograd saves for backward.
+
+    Storages are deduplicated (views and repeated saves of one tensor count once, at the storage's full
+    size) and those in ``exclude`` (see ``resident_storages``) are left out. Returns forward's result,
+    whose graph holds the saved tensors until it is freed.
+    """
+    excluded = resident_storages(*exclude) if exclude else set()
+    by_storage, shapes = {}, []
+
+    def pack(t: torch.Tensor):
+        if t.device.type != "meta":
+            key = storage_key(t)
+            shapes.append(tuple(t.shape))
+            if key not in excluded:
+                by_storage[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    return result, SavedTensors(by_storage, shapes)
+
+
+class Timings(dict):
+    """Seconds per call of each step: the mapping (also ``.wall``) holds wall-clock times, ``.cpu`` the
+    CPU time of this process (all its threads).
+
+    On a shared machine CPU time leaves out the time other processes hold the cores; with one
+    intra-op thread it is the cleaner measure of work, wall time the one users wait for.
+    """
+
+    def __init__(self, wall: dict, cpu: dict):
+        super().__init__(wall)
+        self.cpu = cpu
+
+    @property
+    def wall(self) -> dict:
+        return self
+
+
+def time_round_robin(steps: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 1,
+                     inner: int = 1) -> Timings:
+    """Time each step, interleaving methods so that all see the same machine load.
+
+    Each round calls every step ``inner`` times in turn (the order rotates between rounds); the first
+    ``warmup`` rounds are dropped.
+    """
+    names = list(steps)
+    timings = Timings({name: [] for name in names}, {name: [] for name in names})
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                steps[name]()
+            wall, cpu = (time.perf_counter() - wall) / inner, (time.process_time() - cpu) / inner
+            if round_index >= warmup:
+                timings.wall[name].append(wall)
+                timings.cpu[name].append(cpu)
+    return timings
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def ratio_spread(times: Mapping[str, list[float]], name: str, reference: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of the per-round ratio ``name / reference`` (same-round pairs)."""
+    ratios = [a / b for a, b in zip(times[name], times[reference])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(threads: int) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average at start {load:.2f}; "
+            f"torch {torch.__version__} ({torch.get_num_threads()} intra-op thread{'s' if threads != 1 else ''}); "
+            f"python {platform.python_version()}")
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(name: str, text: str) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    path.write_text(text)
+    return path
+
+
+def matmul_flops(step: Callable[[], object]) -> int:
+    """Floating-point operations of the matrix products (mm, addmm, bmm, ...) that one call of ``step`` runs,
+    backward included, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def accumulate_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+        batch = a_shape[0] if len(a_shape) == 3 else 1
+        return 2 * batch * a_shape[-2] * a_shape[-1] * b_shape[-1]
+
+    aten = torch.ops.aten
+    # the counter knows only out-of-place products; in-place accumulation does the same work
+    in_place = {aten.addmm_: accumulate_flops, aten.baddbmm_: accumulate_flops}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
+        step()
+    return counter.get_total_flops()
