@@ -170,8 +170,17 @@ def make_bases(max_shape, rank: int, seed: int = 0, kind: str = "dense") -> Rand
         sparsity = 3.0 if kind == "sparse" else math.sqrt(d)
         A = _ternary(torch.rand((rank, 1, d), generator=generator, dtype=torch.float32), sparsity)
         B = _ternary(torch.rand((D, n, rank), generator=generator, dtype=torch.float32), sparsity)
-    A, B = A / A.std(), B / B.std()
+    A, B = _unit_std(A), _unit_std(B)
     return RandLoRABases(A, B, kind, seed, compute_fingerprint(A, B))
+
+
+def _unit_std(t: torch.Tensor) -> torch.Tensor:
+    """Divide by the standard deviation; a single entry (rank 1, d = 1) or an all-zero sparse draw has
+    none, so it falls back to the largest magnitude (or leaves zeros as they are)."""
+    spread = t.std() if t.numel() > 1 else t.abs().max()
+    if not spread > 0:
+        spread = t.abs().max()
+    return t / spread if spread > 0 else t
 
 
 def bases_from_tensors(A: torch.Tensor, B: torch.Tensor, kind: str = "dense", seed: int = -1) -> RandLoRABases:
