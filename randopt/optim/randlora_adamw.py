@@ -16,10 +16,23 @@ Rules:
 - Bases are shared by all matrices of the same ``(rank, seed, basis_kind)`` and sized for the largest
   of them, as PEFT does; they are regenerated from the seed, never saved, and checked against the
   fingerprint stored in each matrix's state when a state dict is loaded.
+
+Storage is separate from the math (``randopt.optim.locators``): the per-matrix code works on rectangular
+blocks of the ``out x in`` matrix, and a locator says which blocks this process owns. Plain training owns
+whole tensors. Under DeepSpeed ZeRO 1/2/3 (pass this optimizer to ``deepspeed.initialize`` as a client
+optimizer, or use ``randopt.integrations.deepspeed``) each rank owns a flat fragment of some weights: it
+projects only its fragment's gradient (partial sums of the projection), the coefficient gradients of all
+matrices are summed over the data-parallel group in ONE flat all-reduce per real step (ZeRO's partition
+gradients are already averaged), every rank runs the same coefficient AdamW (coefficients are replicated),
+and each rank writes the update into the fp32 fragment it owns. No full-size gradient or weight is
+gathered. DeepSpeed calls ``step()`` once per group or sub-group; the optimizer projects on each call and
+finishes the real step on the last one. ``fused_backward`` and ``data_parallel`` are for plain training.
+State stays keyed by the ORIGINAL parameters, so ``engine.save_checkpoint``/``load_checkpoint`` carry it.
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -28,6 +41,7 @@ from torch.optim import Optimizer
 from ..randlora.bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
 from .functional import adamw_step_, check_hyperparameters
+from .locators import Block, RealStep, WholeTensors, locator_for, logical_shape
 from .precision import add_update_
 from .state import (MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
                     write_moment)
@@ -41,14 +55,29 @@ def matrix_view(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return matrix.T if fan_in_fan_out else matrix
 
 
-def matrix_shape(param: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
-    rows, cols = param.shape[0], math.prod(param.shape[1:])
+def shape_as_matrix(shape, fan_in_fan_out: bool) -> tuple[int, int]:
+    rows, cols = shape[0], math.prod(shape[1:])
     return (cols, rows) if fan_in_fan_out else (rows, cols)
+
+
+def matrix_shape(param: torch.Tensor, fan_in_fan_out: bool) -> tuple[int, int]:
+    return shape_as_matrix(logical_shape(param), fan_in_fan_out)
 
 
 def coefficient_dtype(param: torch.Tensor) -> torch.dtype:
     """Coefficients and moments never go below fp32; fp64 models keep fp64 throughout."""
     return torch.promote_types(param.dtype, torch.float32)
+
+
+def oriented(blocks: list[Block], fan_in_fan_out: bool) -> list[tuple]:
+    """Blocks of the stored layout as ``(grad, weight, rows, cols)`` of the ``out x in`` matrix."""
+    result = []
+    for block in blocks:
+        grad, weight, row, col = block.grad, block.weight, block.row_start, block.col_start
+        if fan_in_fan_out:
+            grad, weight, row, col = None if grad is None else grad.T, weight.T, col, row
+        result.append((grad, weight, slice(row, row + weight.shape[0]), slice(col, col + weight.shape[1])))
+    return result
 
 
 class RandLoRAAdamW(Optimizer):
@@ -78,12 +107,32 @@ class RandLoRAAdamW(Optimizer):
         self._accumulated: dict[torch.Tensor, list[torch.Tensor]] = {}
         self._hooks = []
         self._generators: dict[str, torch.Generator] = {}
+        # DeepSpeed replaces group["params"] by flat partitions and steps groups one at a time: remember each
+        # group's original parameters (by the group dict's identity), their shapes, and all groups.
+        self._originals: dict[int, list[torch.Tensor]] = {}
+        self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}
+        self._all_groups: list[dict] = []
+        self._locator = None
+        self._real_step = RealStep()
+        self._pending: dict[torch.Tensor, tuple] = {}
+        self.communicated = {"all_reduces": 0, "bytes": 0}
+        """Collective calls this optimizer made and the bytes it reduced (per process), over its lifetime."""
         super().__init__(params, defaults)
 
     # ----- groups and bases -------------------------------------------------------------------------
-    @staticmethod
-    def _is_matrix(param: torch.Tensor, group: dict) -> bool:
-        return group["rank"] is not None and param.dim() >= 2
+    def _params_of(self, group: dict) -> list[torch.Tensor]:
+        """The parameters a group was given (DeepSpeed may have replaced ``group["params"]``)."""
+        return self._originals.get(id(group), group["params"])
+
+    def _shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        shape = self._shapes.get(p)
+        return shape if shape is not None else logical_shape(p)
+
+    def _is_matrix(self, param: torch.Tensor, group: dict) -> bool:
+        return group["rank"] is not None and len(self._shape(param)) >= 2
+
+    def _matrix_shape(self, p: torch.Tensor, group: dict) -> tuple[int, int]:
+        return shape_as_matrix(self._shape(p), group["fan_in_fan_out"])
 
     @staticmethod
     def _bases_key(group: dict) -> tuple:
@@ -97,13 +146,14 @@ class RandLoRAAdamW(Optimizer):
                 raise ValueError(f"basis_kind must be one of {BASIS_KINDS}, got {group['basis_kind']!r}")
             if group["alpha"] is not None and not group["alpha"] > 0:
                 raise ValueError(f"alpha must be > 0, got {group['alpha']!r}")
-            shapes = [matrix_shape(p, group["fan_in_fan_out"]) for p in params if p.dim() >= 2]
+            shapes = [shape_as_matrix(logical_shape(p), group["fan_in_fan_out"]) for p in params
+                      if len(logical_shape(p)) >= 2]
             if shapes:
                 largest_min_side = max(min(s) for s in shapes)
                 if rank > largest_min_side:
                     raise ValueError(f"rank={rank} is larger than allowed: at most {largest_min_side}, the smaller "
                                      "side of the largest matrix in the group")
-        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        seen = {id(p) for g in self._all_groups for p in self._params_of(g)}
         ids = [id(p) for p in params]
         if len(set(ids)) != len(ids) or seen.intersection(ids):
             raise ValueError("a parameter appears in two parameter groups (or twice in one): each parameter must "
@@ -112,15 +162,16 @@ class RandLoRAAdamW(Optimizer):
             if not isinstance(p, torch.Tensor) or not p.is_leaf:
                 raise ValueError(f"params must be leaf tensors, got {type(p).__name__}")
 
-    def _required_bases(self, groups) -> dict[tuple, tuple[int, int]]:
+    def _required_bases(self, groups_and_params) -> dict[tuple, tuple[int, int]]:
         required: dict[tuple, tuple[int, int]] = {}
-        for group in groups:
-            for p in group["params"]:
-                if self._is_matrix(p, group):
+        for group, params in groups_and_params:
+            for p in params:
+                shape = logical_shape(p)
+                if group["rank"] is not None and len(shape) >= 2:
                     key = self._bases_key(group)
-                    shape = matrix_shape(p, group["fan_in_fan_out"])
+                    out_in = shape_as_matrix(shape, group["fan_in_fan_out"])
                     old = required.get(key, (0, 0))
-                    required[key] = (max(old[0], shape[0]), max(old[1], shape[1]))
+                    required[key] = (max(old[0], out_in[0]), max(old[1], out_in[1]))
         return required
 
     def add_param_group(self, param_group: dict) -> None:
@@ -129,13 +180,14 @@ class RandLoRAAdamW(Optimizer):
         group = {**self.defaults, **param_group, "params": params}
         group["betas"] = tuple(group["betas"])
         self._validate_group(group, params)
-        required = self._required_bases(self.param_groups + [group])
+        existing = [(g, self._params_of(g)) for g in self._all_groups]
+        required = self._required_bases(existing + [(group, params)])
         new_bases = dict(self._bases)
         for key, shape in required.items():
             current = self._bases.get(key)
             if current is not None and current.covers(*shape) and current.covers(*shape[::-1]):
                 continue
-            if current is not None and any(self.state):
+            if current is not None and any(self.state.values()):
                 raise ValueError(f"cannot add a group needing RandLoRA bases of shape {shape} after training started "
                                  f"with bases of max shape {current.max_shape}")
             rank, seed, kind = key
@@ -143,7 +195,10 @@ class RandLoRAAdamW(Optimizer):
         super().add_param_group(group)
         self._bases = new_bases
         self._bases_on.clear()
+        self._originals[id(group)] = list(params)
+        self._all_groups.append(group)
         for p in params:
+            self._shapes[p] = logical_shape(p)
             self._group_of[p] = group
             if self.fused_backward and self._is_matrix(p, group):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._project_in_backward))
@@ -158,7 +213,8 @@ class RandLoRAAdamW(Optimizer):
 
     @property
     def plain_parameters_in_randlora_groups(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups if g["rank"] is not None for p in g["params"] if p.dim() < 2]
+        return [p for g in self.param_groups if g["rank"] is not None for p in self._params_of(g)
+                if len(self._shape(p)) < 2]
 
     @property
     def nonfinite_skips(self) -> int:
@@ -178,9 +234,11 @@ class RandLoRAAdamW(Optimizer):
     def _layer(self, p: torch.Tensor, group: dict):
         state = self.state[p]
         bases = self.bases_for(group, p.device, state["lambda"].dtype)
-        return bases.layer(*matrix_shape(p, group["fan_in_fan_out"]))
+        return bases.layer(*self._matrix_shape(p, group))
 
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+    def _init_state(self, p: torch.Tensor, group: dict, like: torch.Tensor | None = None) -> dict:
+        """A parameter's state; a plain parameter's moments are shaped like ``like`` (the part this process
+        owns), by default the whole parameter."""
         state = self.state[p]
         if state:
             return state
@@ -188,28 +246,41 @@ class RandLoRAAdamW(Optimizer):
         state["step"] = torch.zeros((), dtype=torch.float32)
         state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
         if self._is_matrix(p, group):
-            out_features, in_features = matrix_shape(p, group["fan_in_fan_out"])
+            out_features, in_features = self._matrix_shape(p, group)
             lam, gam = init_coefficients(out_features, in_features, group["rank"], dtype=dtype, device=p.device)
             state["lambda"], state["gamma"] = lam, gam
             state["bases_fingerprint"] = self._bases[self._bases_key(group)].fingerprint_tensor()
             for name, coefficient in zip(COEFFICIENTS, (lam, gam)):
                 self._init_moments(state, f"{name}_", coefficient)
         else:
-            self._init_moments(state, "", torch.empty(p.shape, dtype=dtype, device=p.device))
+            shape = self._shape(p) if like is None else like.shape
+            self._init_moments(state, "", torch.empty(shape, dtype=dtype, device=p.device))
         return state
 
     def _init_moments(self, state: dict, prefix: str, like: torch.Tensor) -> None:
         for name in ("exp_avg", "exp_avg_sq"):
             init_moment(state, prefix + name, like, self.state_dtype, self.min_8bit_size)
 
-    def _project(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> list[torch.Tensor]:
+    def _project_blocks(self, p: torch.Tensor, group: dict, blocks: list[tuple]) -> list[torch.Tensor]:
+        """Coefficient gradients from the gradient blocks this process holds: partial sums that add up."""
         state = self._init_state(p, group)
-        G = matrix_view(grad, group["fan_in_fan_out"]).to(state["lambda"].dtype)
-        return list(project(G, self._layer(p, group), state["lambda"], state["gamma"], self._scale(group)))
+        lam, gam = state["lambda"], state["gamma"]
+        layer, shape, scale = self._layer(p, group), self._matrix_shape(p, group), self._scale(group)
+        total = None
+        for grad, _, rows, cols in blocks:
+            if grad is None:
+                continue
+            parts = project(grad.to(lam.dtype), layer, lam, gam, scale, shape=shape, row_start=rows.start,
+                            col_start=cols.start)
+            total = list(parts) if total is None else [t.add_(part) for t, part in zip(total, parts)]
+        return total if total is not None else [torch.zeros_like(lam), torch.zeros_like(gam)]
+
+    def _whole_blocks(self, p: torch.Tensor, group: dict) -> list[tuple]:
+        return oriented(WholeTensors().blocks(p), group["fan_in_fan_out"])
 
     def _project_in_backward(self, p: torch.Tensor) -> None:
         group = self._group_of[p]
-        grads = self._project(p, group, p.grad)
+        grads = self._project_blocks(p, group, self._whole_blocks(p, group))
         accumulated = self._accumulated.get(p)
         if accumulated is None:
             self._accumulated[p] = grads
@@ -231,55 +302,149 @@ class RandLoRAAdamW(Optimizer):
         return generator
 
     # ----- the step -----------------------------------------------------------------------------------
-    def _collect_gradients(self):
-        """``[(param, group, grads)]``: coefficient gradients for matrices, the gradient for the rest."""
-        work = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self._is_matrix(p, group):
-                    grads = self._accumulated.pop(p, None) if self.fused_backward else (
-                        None if p.grad is None else self._project(p, group, p.grad))
-                else:
-                    grads = None if p.grad is None else [p.grad.to(coefficient_dtype(p))]
-                if grads is not None:
-                    self._init_state(p, group)
-                    work.append((p, group, grads))
-        return work
-
-    def _average_over_processes(self, work) -> None:
-        grads = [g for _, _, gs in work for g in gs]
-        if not grads or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        locator = locator_for(self.param_groups, self._params_of)
+        if type(locator) is not type(self._locator):
+            self._locator = locator
+        if self._locator.distributed:
+            self._sharded_step(self._locator)
+        else:
+            self._whole_step()
+        return loss
+
+    def _whole_step(self) -> None:
+        """Plain training: the groups passed in now hold whole parameters."""
         work = self._collect_gradients()
         if self.data_parallel:
-            self._average_over_processes(work)
-        finite = torch.stack([torch.stack([g.isfinite().all() for g in gs]).all() for _, _, gs in work]).tolist() \
-            if work else []
-        for (p, group, grads), ok in zip(work, finite):
+            self._all_reduce([grads for _, _, grads, _ in work], None, average=True)
+        finite = self._finite([grads for _, _, grads, _ in work])
+        for (p, group, grads, blocks), ok in zip(work, finite):
             state = self.state[p]
             if not ok:
                 state["nonfinite_skips"] += 1
                 continue
             state["step"] += 1
             if self._is_matrix(p, group):
-                self._step_matrix(p, group, state, grads)
+                self._step_matrix(p, group, state, grads, blocks)
             else:
-                self._step_plain(p, group, state, grads[0])
-        return loss
+                self._step_plain(p.data, grads[0], state, group)
+
+    def _collect_gradients(self):
+        """``[(param, group, grads, blocks)]``: coefficient gradients for matrices, the gradient for the rest."""
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                blocks = None
+                if self._is_matrix(p, group):
+                    blocks = self._whole_blocks(p, group)
+                    grads = self._accumulated.pop(p, None) if self.fused_backward else (
+                        None if p.grad is None else self._project_blocks(p, group, blocks))
+                else:
+                    grads = None if p.grad is None else [p.grad.to(coefficient_dtype(p))]
+                if grads is not None:
+                    self._init_state(p, group)
+                    work.append((p, group, grads, blocks))
+        return work
+
+    @staticmethod
+    def _finite(grad_lists) -> list[bool]:
+        if not grad_lists:
+            return []
+        return torch.stack([torch.stack([g.isfinite().all() for g in gs]).all() for gs in grad_lists]).tolist()
+
+    def _all_reduce(self, grad_lists, process_group, average: bool) -> None:
+        """Sum (or average) the tensors of ``grad_lists`` over ``process_group`` in one flat all-reduce."""
+        grads = [g for gs in grad_lists for g in gs]
+        if not grads or not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size(group=process_group)
+        if world == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=process_group)
+        self.communicated["all_reduces"] += 1
+        self.communicated["bytes"] += flat.numel() * flat.element_size()
+        if average:
+            flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _sharded_step(self, locator) -> None:
+        """One of DeepSpeed's per-group (ZeRO 1/2) or per-sub-group (ZeRO-3) calls.
+
+        Plain parameters are stepped on the part this rank owns, at once. Matrices are projected from the
+        blocks this rank owns and kept pending; the last call of the real step sums all pending coefficient
+        gradients over the data-parallel group in one all-reduce, steps the coefficients and writes every
+        owned block, re-syncing the low-precision copies DeepSpeed made after the earlier calls.
+        """
+        if self.fused_backward:
+            raise RuntimeError("fused_backward=True cannot be used under DeepSpeed ZeRO, which owns the gradients: "
+                               "create RandLoRAAdamW with fused_backward=False")
+        self._real_step.start_call()
+        for group, params in locator.carried(self.param_groups, self._params_of):
+            for p in params:
+                if not p.requires_grad:  # DeepSpeed does not train it; plain training would skip it (no grad)
+                    continue
+                self._real_step.carry(p)
+                if self._is_matrix(p, group):
+                    blocks = oriented(locator.blocks(p), group["fan_in_fan_out"])
+                    grads = self._project_blocks(p, group, blocks)
+                    self._pending[p] = (group, grads, [(None,) + block[1:] for block in blocks])
+                else:
+                    span = locator.span(p)
+                    if span is not None and span.grad is not None:
+                        self._step_span(p, group, span)
+        expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
+        if self._real_step.complete(expected):
+            try:
+                self._finish_real_step(locator)
+            finally:
+                self._pending.clear()
+                self._real_step.reset()
+
+    def _finish_real_step(self, locator) -> None:
+        order = [p for g in self._all_groups for p in self._params_of(g) if p in self._pending]
+        by_group: dict[int, tuple] = {}
+        for p in order:
+            process_group = locator.process_group(p)
+            by_group.setdefault(id(process_group), (process_group, []))[1].append(self._pending[p][1])
+        for process_group, grad_lists in by_group.values():
+            self._all_reduce(grad_lists, process_group, average=False)
+        finite = self._finite([self._pending[p][1] for p in order])
+        for p, ok in zip(order, finite):
+            group, grads, blocks = self._pending[p]
+            state = self.state[p]
+            if not ok:
+                state["nonfinite_skips"] += 1
+                continue
+            state["step"] += 1
+            self._step_matrix(p, group, state, grads, blocks)
+            if blocks and self._real_step.earlier_call(p):
+                locator.refresh(p)
+
+    def _step_span(self, p: torch.Tensor, group: dict, span) -> None:
+        """Plain AdamW on the part of a plain parameter this rank owns (moments sized like that part)."""
+        state = self._init_state(p, group, like=span.weight)
+        where = torch.tensor([span.start, span.numel], dtype=torch.int64)
+        if "span" not in state:
+            state["span"] = where
+        elif not torch.equal(state["span"], where):
+            raise RuntimeError(f"this rank's optimizer state for a parameter of shape {self._shape(p)} covers elements "
+                               f"{state['span'].tolist()} (start, count), but the rank now owns {where.tolist()}: "
+                               "the state was saved with a different partitioning")
+        grad = span.grad.to(coefficient_dtype(p))
+        if not bool(grad.isfinite().all()):
+            state["nonfinite_skips"] += 1
+            return
+        state["step"] += 1
+        self._step_plain(span.weight, grad, state, group)
 
     def _adamw(self, param, grad, state, prefix, group) -> None:
         beta1, beta2 = group["betas"]
@@ -289,54 +454,84 @@ class RandLoRAAdamW(Optimizer):
         write_moment(state, f"{prefix}exp_avg", m)
         write_moment(state, f"{prefix}exp_avg_sq", v)
 
-    def _step_matrix(self, p, group, state, grads) -> None:
+    def _step_matrix(self, p, group, state, grads, blocks) -> None:
+        """Coefficient AdamW, then ``dW(new) - dW(old)`` written into each owned block of the matrix."""
         layer = self._layer(p, group)
         lam, gam = state["lambda"], state["gamma"]
         old_basis = scaled_basis(layer.A, lam, gam)
         for name, coefficient, grad in zip(COEFFICIENTS, (lam, gam), grads):
             self._adamw(coefficient, grad, state, f"{name}_", group)
-        change = reconstruct(layer, scaled_basis(layer.A, lam, gam) - old_basis, self._scale(group))
-        add_update_(matrix_view(p.data, group["fan_in_fan_out"]), change, self._generator(p.device))
-
-    def _step_plain(self, p, group, state, grad) -> None:
-        if p.dtype == coefficient_dtype(p):
-            self._adamw(p.data, grad, state, "", group)
+        if not blocks:
             return
-        exact = p.data.to(coefficient_dtype(p))
+        change_basis = scaled_basis(layer.A, lam, gam) - old_basis
+        scale = self._scale(group)
+        for _, weight, rows, cols in blocks:
+            change = reconstruct(layer, change_basis, scale, rows=rows, cols=cols)
+            add_update_(weight, change, self._generator(weight.device))
+
+    def _step_plain(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        exact_dtype = torch.promote_types(weight.dtype, torch.float32)
+        if weight.dtype == exact_dtype:
+            self._adamw(weight, grad, state, "", group)
+            return
+        exact = weight.to(exact_dtype)
         before = exact.clone()
         self._adamw(exact, grad, state, "", group)
-        add_update_(p.data, exact - before, self._generator(p.device))
+        add_update_(weight, exact - before, self._generator(weight.device))
 
     # ----- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state_dict = super().state_dict()
-        state_dict["rounding_generators"] = {k: g.get_state() for k, g in self._generators.items()}
-        return state_dict
+        """Like ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions in the groups
+        (also while DeepSpeed holds flat partitions in ``group["params"]``); every state entry is a tensor."""
+        index: dict[int, int] = {}
+        groups, state = [], {}
+        for group in self.param_groups:
+            ids = []
+            for p in self._params_of(group):
+                position = index.setdefault(id(p), len(index))
+                ids.append(position)
+                saved = self.state.get(p)
+                if saved:
+                    state[position] = dict(saved)
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups,
+                "rounding_generators": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        generators = state_dict.pop("rounding_generators", {})
+        """Checks everything (group layout, bases fingerprints, coefficient shapes) before changing anything;
+        group hyper-parameters come from the state dict, as in torch; state tensors keep their own dtypes."""
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(saved_groups)} parameter groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            for index, p in zip(saved_group["params"], group["params"]):
-                saved = state_dict["state"].get(index, {})
+        saved_state = state_dict["state"]
+        groups = self.param_groups
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}")
+        pairs = []
+        for saved_group, group in zip(saved_groups, groups):
+            params = self._params_of(group)
+            if len(saved_group["params"]) != len(params):
+                raise ValueError(f"a parameter group of the state dict has {len(saved_group['params'])} parameters, "
+                                 f"this optimizer's has {len(params)}")
+            for index, p in zip(saved_group["params"], params):
+                saved = saved_state.get(index, {})
                 if "bases_fingerprint" in saved:
                     self._bases[self._bases_key(group)].check_fingerprint(saved["bases_fingerprint"],
                                                                           "optimizer state dict")
-                    expected = init_coefficients(*matrix_shape(p, group["fan_in_fan_out"]), group["rank"])[0].shape
+                    expected = init_coefficients(*self._matrix_shape(p, group), group["rank"])[0].shape
                     if saved["lambda"].shape != expected:
                         raise ValueError(f"state dict holds lambda of shape {tuple(saved['lambda'].shape)} for a "
-                                         f"parameter of shape {tuple(p.shape)}; expected {tuple(expected)}")
-        super().load_state_dict(state_dict)
-        # torch casts every loaded state tensor to the parameter's dtype; coefficients, moments and
-        # counters keep their own dtypes here (fp32 coefficients for bf16 weights, int64 counters).
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            for index, p in zip(saved_group["params"], group["params"]):
-                for key, value in state_dict["state"].get(index, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, copy=True)
-        for key, generator_state in generators.items():
+                                         f"parameter of shape {self._shape(p)}; expected {tuple(expected)}")
+                pairs.append((p, saved))
+        for saved_group, group in zip(saved_groups, groups):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+            group["betas"] = tuple(group["betas"])
+        state = defaultdict(dict)
+        for p, saved in pairs:
+            if saved:
+                state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in saved.items()}
+        self.state = state
+        self._accumulated.clear()
+        self._pending.clear()
+        self._real_step.reset()
+        for key, generator_state in state_dict.get("rounding_generators", {}).items():
             self._generator(torch.device(key)).set_state(generator_state)

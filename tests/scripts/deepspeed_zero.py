@@ -1,0 +1,268 @@
+"""Run under torchrun with 2 ranks (gloo, DS_ACCELERATOR=cpu): RandLoRAAdamW under DeepSpeed ZeRO 1, 2 and 3 in
+ONE launch (re-initialising DeepSpeed per case), against a single-process RandLoRAAdamW on the global batch that
+rank 0 runs. Writes ``<out_dir>/results.pt``: per case the losses, final fp32 weights, fragment addresses and
+communication counts of the DeepSpeed run, the reference's losses and weights, and for the checkpoint case the
+losses and weights of a run resumed with ``engine.load_checkpoint``."""
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+import randopt
+from randopt.integrations import deepspeed as randopt_deepspeed
+
+STEPS, RESUME_AT, SEQ, GLOBAL_BATCH = 5, 3, 8, 4
+OPTIONS = dict(lr=1e-2, weight_decay=0.1, rank=3, alpha=5.0)
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
+
+
+def llama(seed=0):
+    """One layer (two equal layers would put the ZeRO 1/2 boundary between them) and an odd MLP width, so that
+    partition boundaries fall inside a targeted matrix, and inside one of its rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=37,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=50,
+                                        max_position_embeddings=32))
+
+
+def gpt2(seed=0):
+    """Conv1D weights, stored in x out (fan_in_fan_out groups); one layer and an odd MLP width, as above."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_inner=37, vocab_size=50, n_positions=32,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    # the key part of c_attn's bias has an exactly zero gradient (softmax ignores a per-query constant): AdamW turns
+    # its rounding noise into lr-sized steps that differ between any two summation orders. Frozen, it also tests
+    # that frozen parameters stay out of the way.
+    model.transformer.h[0].attn.c_attn.bias.requires_grad_(False)
+    return model
+
+
+MODELS = {"llama": (llama, LLAMA_TARGETS), "gpt2": (gpt2, GPT2_TARGETS)}
+CASES = [
+    # name, model, zero config, gradient accumulation, clipping, how the optimizer reaches DeepSpeed, extra config
+    dict(name="zero1", model="llama", zero={"stage": 1}, gas=1, clip=0.0, route="client"),
+    dict(name="zero2", model="gpt2", zero={"stage": 2}, gas=2, clip=0.5, route="plugin"),
+    dict(name="zero3", model="llama", gas=1, clip=0.0, route="client", checkpoint=True,
+         zero={"stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0}),
+    dict(name="zero1_bf16", model="llama", zero={"stage": 1}, gas=1, clip=0.0, route="plugin",
+         extra={"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}),
+    dict(name="zero3_bf16", model="gpt2", gas=2, clip=0.5, route="client", extra={"bf16": {"enabled": True}},
+         zero={"stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0}),
+]
+
+
+def ds_config(case, with_block: bool) -> dict:
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2 // case["gas"],
+              "gradient_accumulation_steps": case["gas"], "gradient_clipping": case["clip"],
+              "zero_optimization": dict(case["zero"]), "steps_per_print": 10 ** 9, **case.get("extra", {})}
+    if with_block:
+        params = {k: v for k, v in OPTIONS.items()}
+        config["randopt"] = {"optimizer": "RandLoRAAdamW", "params": params,
+                             "target_modules": MODELS[case["model"]][1]}
+    else:
+        config["zero_allow_untested_optimizer"] = True
+    return config
+
+
+def make_engine(case, seed=0):
+    make, targets = MODELS[case["model"]]
+    model = make(seed)
+    if case["route"] == "plugin":
+        engine, *_ = randopt_deepspeed.initialize(model=model, config=ds_config(case, True))
+    else:
+        rank = OPTIONS["rank"]
+        options = {k: v for k, v in OPTIONS.items() if k != "rank"}
+        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=rank), rank=rank, **options)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case, False))
+    return engine
+
+
+def micro_batches(batch, case, rank):
+    mine = batch[rank * GLOBAL_BATCH // 2: (rank + 1) * GLOBAL_BATCH // 2]
+    size = mine.shape[0] // case["gas"]
+    return [mine[i * size: (i + 1) * size] for i in range(case["gas"])]
+
+
+def train(engine, batches, case):
+    losses = []
+    for batch in batches:
+        total = 0.0
+        for micro in micro_batches(batch, case, dist.get_rank()):
+            loss = engine(input_ids=micro, labels=micro).loss
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / case["gas"]
+        mean = torch.tensor([total], dtype=torch.float64)
+        dist.all_reduce(mean)
+        losses.append(mean.item() / dist.get_world_size())
+    return losses
+
+
+def full_weights(engine) -> dict:
+    """Every trainable parameter's fp32 master weight, whole (a collective: all ranks call it)."""
+    return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in engine.module.named_parameters()
+            if p.requires_grad}
+
+
+def low_precision_matches_master(engine) -> bool:
+    """Whether the model's (low-precision) weights are the rounding of the fp32 master weights: a matrix updated
+    after DeepSpeed copied its partition must have been re-synced."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    masters = [safe_get_full_fp32_param(p) for p in params]
+    with deepspeed.zero.GatheredParameters(params):
+        return all(torch.equal(p.detach(), m.to(p.dtype).view_as(p)) for p, m in zip(params, masters))
+
+
+def count_calls(optimizer) -> list:
+    """Count the optimizer's step() calls (DeepSpeed makes one per group or sub-group)."""
+    calls, step = [], optimizer.step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return step(*args, **kwargs)
+
+    optimizer.step = counted
+    return calls
+
+
+def fragments(engine) -> list:
+    """``(name, numel, columns, start, count)`` of the part of each RandLoRA matrix this rank owns, read from
+    DeepSpeed's own fragment addresses (``_hp_mapping`` for ZeRO 1/2, the ZeRO-3 partition otherwise)."""
+    optimizer = engine.basic_optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    found = []
+    for group in optimizer._all_groups:
+        if group["rank"] is None:
+            continue
+        for p in optimizer._params_of(group):
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            numel, cols = shape[0] * shape[1], shape[1]
+            if hasattr(p, "ds_id"):
+                per_rank = p.partition_numel()
+                start = dist.get_rank(group=p.ds_process_group) * per_rank
+                count = max(0, min(per_rank, numel - start))
+            elif p._hp_mapping is not None:
+                start, count = p._hp_mapping.lp_fragment_address.start, p._hp_mapping.lp_fragment_address.numel
+            else:
+                start, count = 0, 0
+            found.append((names[id(p)], numel, cols, start, count))
+    return found
+
+
+def reference(case, batches):
+    """Single process, no DeepSpeed, the whole global batch per step (clipped like DeepSpeed clips)."""
+    make, targets = MODELS[case["model"]]
+    model = make(0)
+    options = {k: v for k, v in OPTIONS.items() if k != "rank"}
+    optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=OPTIONS["rank"]),
+                                      rank=OPTIONS["rank"], **options)
+    losses, norms = [], []
+    for batch in batches:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if case["clip"]:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            norms.append(torch.nn.utils.clip_grad_norm_(trainable, case["clip"]).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, norms
+
+
+def run_case(case, batches, out_dir):
+    result = {}
+    engine = make_engine(case)
+    optimizer = engine.basic_optimizer
+    calls = count_calls(optimizer)
+    result["optimizer_class"] = type(optimizer).__name__
+    result["fragments"] = [None] * dist.get_world_size()
+    dist.all_gather_object(result["fragments"], fragments(engine))
+    if case.get("checkpoint"):
+        losses = train(engine, batches[:RESUME_AT], case)
+        engine.save_checkpoint(out_dir, tag=case["name"])
+        saved_state = {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()}
+        losses += train(engine, batches[RESUME_AT:], case)
+    else:
+        losses = train(engine, batches, case)
+    result["losses"], result["weights"] = losses, full_weights(engine)
+    result["communicated"] = dict(optimizer.communicated)
+    result["coefficient_bytes"] = sum(s[k].numel() * s[k].element_size() for s in optimizer.state.values()
+                                      for k in ("lambda", "gamma") if k in s)
+    result["step_calls"] = len(calls)
+    result["low_precision_matches_master"] = low_precision_matches_master(engine)
+    engine.destroy()
+    if case.get("checkpoint"):
+        resumed = make_engine(case, seed=1)
+        resumed.load_checkpoint(out_dir, tag=case["name"])
+        loaded_state = resumed.basic_optimizer.state_dict()
+        result["state_restored"] = saved_state.keys() == loaded_state["state"].keys() and all(
+            torch.equal(value, loaded_state["state"][i][k]) for i, s in saved_state.items() for k, value in s.items())
+        result["resumed_losses"] = train(resumed, batches[RESUME_AT:], case)
+        result["resumed_weights"] = full_weights(resumed)
+        resumed.destroy()
+    if dist.get_rank() == 0:
+        result["reference_losses"], result["reference_weights"], result["reference_grad_norms"] = reference(case,
+                                                                                                            batches)
+    return result
+
+
+def trainer_checks(out_dir) -> dict:
+    """``check_trainer_optimizer`` on real transformers Trainers running DeepSpeed: one given optimizers=(opt, None)
+    (which transformers would drop), one building the optimizer in create_optimizer (which works)."""
+    from accelerate.state import AcceleratorState
+    from transformers import Trainer, TrainingArguments
+
+    class RandLoRATrainer(Trainer):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = randopt.RandLoRAAdamW(randopt.param_groups(self.model, LLAMA_TARGETS, rank=3), rank=3)
+            return self.optimizer
+
+    def optimizers_argument(args):
+        model = llama(0)
+        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, LLAMA_TARGETS, rank=3), rank=3)
+        return Trainer(model=model, args=args, optimizers=(optimizer, None))
+
+    outcomes = {}
+    for name, make in (("optimizers_argument", optimizers_argument),
+                       ("create_optimizer", lambda args: RandLoRATrainer(model=llama(0), args=args))):
+        AcceleratorState._reset_state(True)  # one DeepSpeed Trainer per Accelerator state
+        args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                                 deepspeed={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}})
+        try:
+            randopt_deepspeed.check_trainer_optimizer(make(args))
+            outcomes[name] = None
+        except ValueError as error:
+            outcomes[name] = str(error)
+    return outcomes
+
+
+def main(out_dir):
+    deepspeed.init_distributed(dist_backend="gloo")
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 50, (GLOBAL_BATCH, SEQ), generator=generator) for _ in range(STEPS)]
+    only = os.environ.get("RANDOPT_DS_CASES")
+    results = {}
+    for case in CASES:
+        if only and case["name"] not in only.split(","):
+            continue
+        results[case["name"]] = run_case(case, batches, out_dir)
+        dist.barrier()
+    if not only or "trainer" in only.split(","):
+        results["trainer"] = trainer_checks(out_dir)
+    if dist.get_rank() == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
