@@ -356,7 +356,7 @@ class RandLoRAAdapter:
 
     def install(self, optimizer) -> None:
         """Start ``optimizer``'s matrices of the adapter's layers from its coefficients and bases (fresh moments)."""
-        _set_bases_and_coefficients(optimizer, self.bases, self._optimizer_entries(optimizer))
+        _install(optimizer, self.bases, self._optimizer_entries(optimizer))
 
     def _optimizer_entries(self, optimizer) -> list:
         """Check that ``optimizer`` can continue this adapter; ``[(param, group, lambda, gamma)]``."""
@@ -394,19 +394,12 @@ class RandLoRAAdapter:
         return entries
 
 
-def _set_bases_and_coefficients(optimizer, bases: RandLoRABases, entries) -> None:
-    """PRIVATE STAND-IN, to be replaced by a public ``RandLoRAAdamW`` API (explicit bases per group key + initial
-    coefficients per matrix). Installs ``bases`` for the groups of ``entries`` and starts each ``(param, group, lambda,
-    gamma)`` from those coefficients with fresh AdamW moments, as ``RandLoRAAdamW`` initialises a matrix itself."""
-    for key in {_bases_key(group) for _, group, _, _ in entries}:
-        optimizer._bases[key] = bases
-    getattr(optimizer, "_bases_on", {}).clear()  # cached device/dtype copies of the old bases
-    for p, group, lam, gam in entries:
-        optimizer.state.pop(p, None)
-        state = optimizer._init_state(p, group)
-        state["lambda"].copy_(lam)
-        state["gamma"].copy_(gam)
-        state["bases_fingerprint"] = bases.fingerprint_tensor()
+def _install(optimizer, bases: RandLoRABases, entries) -> None:
+    """Give the optimizer the adapter's bases and start each ``(param, group, lambda, gamma)`` from them."""
+    for group in {id(g): g for _, g, _, _ in entries}.values():
+        optimizer.set_bases(bases, group)
+    for p, _, lam, gam in entries:
+        optimizer.load_coefficients(p, lam, gam)
 
 
 def _read_config(adapter_dir: str) -> dict:
@@ -608,5 +601,5 @@ def load_randlora_adapter(model: nn.Module, adapter_dir, optimizer=None) -> Rand
         for weight, delta in deltas:
             weight.add_(delta)
     if entries is not None:
-        _set_bases_and_coefficients(optimizer, bases, entries)
+        _install(optimizer, bases, entries)
     return adapter

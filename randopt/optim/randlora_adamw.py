@@ -211,6 +211,50 @@ class RandLoRAAdamW(Optimizer):
             self._bases_on[key] = bases
         return bases
 
+    def set_bases(self, bases: RandLoRABases, group: dict) -> None:
+        """Use ``bases`` (e.g. an imported adapter's) for every group sharing ``group``'s bases; before training.
+        Checkpoints record their fingerprint, so resuming needs the same bases installed again."""
+        key = self._bases_key(group)
+        if bases.rank != group["rank"]:
+            raise ValueError(f"bases have rank {bases.rank}, the group has rank={group['rank']}")
+        for g in self._all_groups:
+            if self._bases_key(g) != key:
+                continue
+            for p in self._params_of(g):
+                if self._is_matrix(p, g):
+                    if self.state.get(p):
+                        raise ValueError("set_bases must be called before the first step: "
+                                         f"a parameter of shape {tuple(self._shape(p))} already has state")
+                    if not bases.covers(*self._matrix_shape(p, g)):
+                        raise ValueError(f"bases cover (min side, max side) up to {bases.max_shape}, but the group "
+                                         f"trains a matrix of shape {self._matrix_shape(p, g)}")
+        self._bases[key] = bases
+        self._bases_on.clear()
+
+    def load_coefficients(self, param: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor) -> None:
+        """Start ``param``'s RandLoRA coefficients from ``(lambda, gamma)`` (with fresh moments), e.g. to continue
+        an imported adapter. The weight must already hold the matching update."""
+        group = self._group_of.get(param)
+        if group is None or not self._is_matrix(param, group):
+            raise ValueError("load_coefficients: the parameter is not a matrix of a RandLoRA group of this optimizer")
+        self.state.pop(param, None)
+        state = self._init_state(param, group)
+        for name, value in zip(COEFFICIENTS, (lam, gam)):
+            if value.shape != state[name].shape:
+                self.state.pop(param, None)
+                raise ValueError(f"load_coefficients: {name} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(state[name].shape)}")
+            state[name].copy_(value)
+
+    def matrices(self):
+        """``(param, group, lambda, gamma, layer_bases, scale)`` for every RandLoRA matrix with state, keyed by
+        the original parameters (also under DeepSpeed)."""
+        for group in self._all_groups:
+            for p in self._params_of(group):
+                state = self.state.get(p)
+                if state and "lambda" in state:
+                    yield p, group, state["lambda"], state["gamma"], self._layer(p, group), self._scale(group)
+
     @property
     def plain_parameters_in_randlora_groups(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups if g["rank"] is not None for p in self._params_of(g)
