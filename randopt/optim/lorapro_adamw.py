@@ -1,0 +1,385 @@
+"""LoRAProAdamW: LoRA-Pro's optimal gradient adjustment as a swap-in AdamW for LoRA models.
+
+Each LoRA pair ``(A, B, scale[, W0])`` is its own parameter group (``params == [A, B]``, the scale in
+``group["lora_scale"]``); every other trainable parameter gets ordinary AdamW in a group whose
+``lora_scale`` is None. Modes:
+
+- ``"full"`` (the paper): Adam moments of the equivalent gradient at full ``m x n`` size, the
+  bias-corrected Adam direction ``D`` projected back through the closed form, an SGD step on A, B.
+  Decoupled weight decay decays the whole ``W``: A and B by ``sqrt(1 - lr*wd)``, ``W0`` by
+  ``1 - lr*wd`` (decay first, then the step, as ``torch.optim.AdamW``; the adjustment uses the
+  factors at which the gradient was taken). Without a ``W0`` handle only ``s B A`` is decayed; a
+  bf16 ``W0`` barely decays (``1 - lr*wd`` rounds to 1 in bf16 for typical values).
+- ``"efficient"``: low-rank AdamW (moments of A's and B's size) on the adjusted ``gA, gB``.
+
+State (tensors only, through ``randopt.optim.state``): ``state[A]`` holds the pair's ``step`` and
+``nonfinite_skips`` counters (fp32 / int64 scalars on CPU, as in ``RandLoRAAdamW``) and, in full mode,
+``w_exp_avg``/``w_exp_avg_sq`` (``m x n``); in efficient mode ``state[A]`` and ``state[B]`` hold
+``exp_avg``/``exp_avg_sq`` of their factor. Plain parameters: ``step``, ``exp_avg``, ``exp_avg_sq``.
+Moments are fp32 (fp64 for fp64 factors) unless ``state_dtype`` asks for bf16 first moments or 8-bit
+(then ``<name>_codes``/``<name>_absmax``, see ``state.py``). LoRA factors in bf16/fp16 are updated in
+fp32 and rounded to nearest when written back.
+
+A pair whose gradients (or, in efficient mode, adjusted gradients) are not finite is not stepped:
+its parameters, moments and step stay, and ``state[A]["nonfinite_skips"]`` counts it (``skipped_steps``
+per pair, ``nonfinite_skips`` in all). Plain parameters follow ``torch.optim.AdamW`` and are not
+checked. A pair with no gradient on either factor is left alone (not counted: per-pair step counts
+stay right when only some groups get gradients); a missing gradient on one factor counts as zero.
+PEFT's ``lora_dropout`` makes the factor gradients come from dropped inputs: LoRA-Pro's projection
+then applies to that gradient, not to ``dL/dW``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
+                                  projected_gradient, working_dtype)
+from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
+from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
+                    write_moment)
+
+MODES = ("full", "efficient")
+_FULL_MOMENTS = ("w_exp_avg", "w_exp_avg_sq")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+_COUNTERS = ("step", "nonfinite_skips")
+
+
+class LoRAPair(NamedTuple):
+    """One LoRA update ``s * B @ A``: ``A`` is ``(r, in)``, ``B`` is ``(out, r)``; ``base_weight`` is the
+    frozen ``W0`` (any layout: only full mode's weight decay touches it) or None."""
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    base_weight: torch.Tensor | None = None
+
+
+def _active_adapters(module) -> list[str]:
+    active = getattr(module, "active_adapters", None)
+    if active is None:
+        active = getattr(module, "active_adapter", "default")
+    return [active] if isinstance(active, str) else list(active)
+
+
+def _base_weight(module):
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base_layer", None)
+    weight = getattr(base, "weight", None)
+    # quantized base weights cannot be decayed in place; full mode then decays the LoRA part only
+    return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2 else None
+
+
+def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
+    """Every (lora_A, lora_B, scaling) of the active adapter(s) in a PEFT-style LoRA model.
+
+    Duck typed (no peft import): a LoRA layer has ``lora_A``/``lora_B`` ModuleDicts, a ``scaling``
+    dict (read as PEFT uses it: ``alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA) and ``active_adapters``.
+    Layers whose factors are not 2-D (Conv2d LoRA) or that use DoRA are not LoRA-Pro's math: they are
+    skipped with a warning and their parameters fall back to plain AdamW. With several active adapters
+    on one layer, only the first gets the ``W0`` handle so full mode decays ``W0`` once.
+    """
+    pairs, lora_layers = [], 0
+    for name, module in model.named_modules():
+        lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        scaling = getattr(module, "scaling", None)
+        if not (isinstance(lora_A, nn.ModuleDict) and isinstance(lora_B, nn.ModuleDict)
+                and isinstance(scaling, dict)):
+            continue
+        lora_layers += 1
+        base_weight = _base_weight(module)
+        for adapter in _active_adapters(module):
+            if adapter not in lora_A or adapter not in lora_B:
+                continue
+            A, B = lora_A[adapter].weight, lora_B[adapter].weight
+            if A.dim() != 2 or B.dim() != 2 or getattr(module, "use_dora", {}).get(adapter, False):
+                warnings.warn(f"{name}: adapter {adapter!r} is not a plain 2-D LoRA pair (DoRA or conv); "
+                              "its parameters get plain AdamW", stacklevel=2)
+                continue
+            pairs.append(LoRAPair(f"{name}:{adapter}", A, B, float(scaling[adapter]), base_weight))
+            base_weight = None
+    if not lora_layers:
+        raise ValueError(f"model: no LoRA layers found in {type(model).__name__} (expected modules with "
+                         "lora_A/lora_B ModuleDicts and a scaling dict, as PEFT's LoRA layers)")
+    if not pairs:
+        raise ValueError(f"model: {lora_layers} LoRA layers but none has a 2-D pair for its active adapter(s)")
+    return pairs
+
+
+def lorapro_groups(pairs, **group_options) -> list[dict]:
+    """Parameter groups for explicit LoRA pairs: ``(A, B, scale)``, ``(A, B, scale, W0)`` or ``LoRAPair``.
+
+    ``A`` is ``(r, in)``, ``B`` is ``(out, r)`` with ``W = W0 + scale * B @ A``. ``group_options``
+    (lr, betas, eps, weight_decay, mode, x_mode, rcond) apply to every returned group.
+    """
+    groups = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, LoRAPair):
+            if len(pair) not in (3, 4):
+                raise ValueError(f"pairs[{i}]: expected (A, B, scale) or (A, B, scale, W0), got {len(pair)} items")
+            pair = LoRAPair(f"pair{i}", *pair)
+        groups.append({**group_options, "params": [pair.A, pair.B], "lora_scale": pair.scale,
+                       "name": pair.name, "base_weight": pair.base_weight})
+    return groups
+
+
+def model_groups(model: nn.Module, **group_options) -> list[dict]:
+    """Pair groups for the active LoRA adapter(s), plus one plain-AdamW group of the other trainable
+    parameters (other adapters' factors included if the caller left them trainable)."""
+    pairs = find_lora_pairs(model)
+    in_pairs = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
+    groups = lorapro_groups(pairs, **group_options)
+    if plain:
+        groups.append({**group_options, "params": plain, "name": "plain"})
+    return groups
+
+
+def _check_pair(name, A, B, scale, base_weight) -> None:
+    for label, factor in (("lora_A", A), ("lora_B", B)):
+        if not isinstance(factor, torch.Tensor) or not factor.is_floating_point() or factor.dim() != 2:
+            raise ValueError(f"{name}: {label} must be a 2-D floating-point tensor, got "
+                             f"{getattr(factor, 'shape', type(factor).__name__)}")
+        if not factor.requires_grad:
+            raise ValueError(f"{name}: {label} {tuple(factor.shape)} is frozen (requires_grad=False); "
+                             "LoRA-Pro needs both factors trainable")
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(f"{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not match: "
+                         "expected A (r, in) and B (out, r) with the same r")
+    if A.dtype != B.dtype or A.device != B.device:
+        raise ValueError(f"{name}: lora_A ({A.dtype}, {A.device}) and lora_B ({B.dtype}, {B.device}) "
+                         "must share dtype and device")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"{name}: scale must be a finite nonzero number, got {scale!r}")
+    if base_weight is not None:
+        shape, expected = tuple(base_weight.shape), (B.shape[0], A.shape[1])
+        if shape not in (expected, expected[::-1]) or not base_weight.is_floating_point():
+            raise ValueError(f"{name}: base weight {shape} {base_weight.dtype} must be floating point and "
+                             f"{expected} (or transposed, Conv1D layout)")
+
+
+def _all_finite(*tensors) -> bool:
+    # a sum is NaN/inf iff an entry is (or the sum overflows fp32/fp64: a gradient worth skipping)
+    return bool(torch.stack([t.sum() for t in tensors]).isfinite().all())
+
+
+def _working(param: torch.Tensor) -> torch.Tensor:
+    return param.to(working_dtype(param.dtype))
+
+
+def _adamw_(param, grad, state, step, group) -> None:
+    """``adamw_step_`` on a parameter of any float dtype, moments through the state storage."""
+    exp_avg, exp_avg_sq = (read_moment(state, n) for n in _MOMENTS)
+    work = _working(param)
+    beta1, beta2 = group["betas"]
+    adamw_step_(work, grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2, group["eps"],
+                group["weight_decay"])
+    if work is not param:
+        param.copy_(work)
+    write_moment(state, "exp_avg", exp_avg)
+    write_moment(state, "exp_avg_sq", exp_avg_sq)
+
+
+def _new_step() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float32)
+
+
+class LoRAProAdamW(torch.optim.Optimizer):
+    """AdamW with LoRA-Pro's gradient adjustment on every LoRA pair; plain AdamW elsewhere.
+
+    ``params``: a PEFT-style LoRA model (pairs found with ``find_lora_pairs``), or parameter groups,
+    e.g. ``lorapro_groups(pairs=[(A, B, scale), ...])`` plus plain groups. ``rcond``: relative
+    eigenvalue cutoff of the pseudo-inverses (None: ``r * eps`` of the working dtype).
+    ``state_dtype`` (``"fp32"``, ``"bf16"`` first moments, ``"8bit"`` block-wise) and ``min_8bit_size``
+    choose the moment storage as in ``RandLoRAAdamW``; 8-bit matters most for full mode's ``m x n`` moments.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, mode: str = "full", x_mode: str = "sylvester",
+                 rcond: float | None = None, *, state_dtype: str = "fp32", min_8bit_size: int = MIN_8BIT_SIZE):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode, x_mode=x_mode,
+                        rcond=rcond, lora_scale=None, name=None)
+        self._check_options(defaults)
+        self.state_dtype = check_state_dtype(state_dtype)
+        self.min_8bit_size = check_min_8bit_size(min_8bit_size)
+        if isinstance(params, nn.Module):
+            params = model_groups(params)
+        self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
+        super().__init__(params, defaults)
+        if not any(g["lora_scale"] is not None for g in self.param_groups):
+            raise ValueError("params: no LoRA pair given; pass a LoRA model or lorapro_groups(pairs=...)")
+
+    @staticmethod
+    def _check_options(group: dict) -> None:
+        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        if group["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
+        check_x_mode(group["x_mode"])
+        if group["rcond"] is not None and not group["rcond"] >= 0:
+            raise ValueError(f"rcond must be None or >= 0, got {group['rcond']!r}")
+        if group["mode"] == "full" and group["lr"] * group["weight_decay"] > 1:
+            raise ValueError(f"lr * weight_decay must be <= 1 in full mode (W decays by sqrt(1 - lr*wd)), "
+                             f"got {group['lr']} * {group['weight_decay']}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        base_weight = group.pop("base_weight", None)
+        merged = {**self.defaults, **group}
+        self._check_options(merged)
+        if merged["lora_scale"] is not None:
+            params = list(group["params"])
+            if len(params) != 2:
+                raise ValueError(f"{merged['name']}: a LoRA pair group holds params [A, B], got {len(params)}")
+            _check_pair(merged["name"] or "pair", *params, merged["lora_scale"], base_weight)
+            group["params"] = params
+        super().add_param_group(group)
+        if merged["lora_scale"] is not None:
+            self._base_weights[group["params"][0]] = base_weight
+
+    def _check_state(self, group: dict) -> None:
+        if group["lora_scale"] is None:
+            return
+        state = self.state.get(group["params"][0], {})
+        other = _MOMENTS[0] if group["mode"] == "full" else _FULL_MOMENTS[0]
+        if other in state or other + CODES in state:
+            raise ValueError(f"{group['name']}: mode={group['mode']!r} but its state holds the other mode's "
+                             "moments; the mode of a pair cannot change during training")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # validate everything first so a bad setting changes nothing
+        for group in self.param_groups:
+            self._check_options(group)
+            self._check_state(group)
+        for group in self.param_groups:
+            if group["lora_scale"] is None:
+                self._plain_step(group)
+            else:
+                self._pair_step(group)
+        return loss
+
+    def _plain_step(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LoRAProAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = _new_step()
+                for name in _MOMENTS:
+                    self._init_moment(state, name, p)
+            state["step"] += 1
+            _adamw_(p, p.grad, state, int(state["step"]), group)
+
+    def _init_moment(self, state, name, like) -> None:
+        init_moment(state, name, like, self.state_dtype, self.min_8bit_size)
+
+    def _pair_state(self, A, B, mode):
+        state = self.state[A]
+        if not state:
+            state["step"] = _new_step()
+            state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+            if mode == "full":
+                shape_of_w = A.new_zeros(()).expand(B.shape[0], A.shape[1])  # a view: nothing m x n allocated
+                for name in _FULL_MOMENTS:
+                    self._init_moment(state, name, shape_of_w)
+            else:
+                for factor in (A, B):
+                    for name in _MOMENTS:
+                        self._init_moment(self.state[factor], name, factor)
+        return state
+
+    def _pair_step(self, group: dict) -> None:
+        A, B = group["params"]
+        if A.grad is None and B.grad is None:
+            return
+        gA_lora = A.grad if A.grad is not None else torch.zeros_like(A)
+        gB_lora = B.grad if B.grad is not None else torch.zeros_like(B)
+        state = self._pair_state(A, B, group["mode"])
+        if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):
+            state["nonfinite_skips"] += 1
+            return
+        A_w, B_w = _working(A), _working(B)
+        dtype, scale, rcond = A_w.dtype, group["lora_scale"], group["rcond"]
+        gA_lora, gB_lora = gA_lora.to(dtype), gB_lora.to(dtype)
+        grams = factor_grams(A_w, B_w, rcond)
+        if group["mode"] == "efficient":
+            gA, gB = adjust_gradients(A_w, B_w, gA_lora, gB_lora, scale, group["x_mode"], grams, rcond)
+            if not _all_finite(gA_lora, gB_lora, gA, gB):
+                state["nonfinite_skips"] += 1
+                return
+            state["step"] += 1
+            step = int(state["step"])
+            _adamw_(A, gA, self.state[A], step, group)
+            _adamw_(B, gB, self.state[B], step, group)
+            return
+        self._full_step(group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams)
+
+    def _full_step(self, group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams) -> None:
+        scale, rcond, lr, wd = group["lora_scale"], group["rcond"], group["lr"], group["weight_decay"]
+        beta1, beta2 = group["betas"]
+        g_equiv = projected_gradient(A_w, B_w, gA_lora, gB_lora, scale, grams)
+        state["step"] += 1
+        step = int(state["step"])
+        exp_avg, exp_avg_sq = (read_moment(state, n) for n in _FULL_MOMENTS)
+        update_moments_(g_equiv.to(exp_avg.dtype), exp_avg, exp_avg_sq, beta1, beta2)
+        write_moment(state, _FULL_MOMENTS[0], exp_avg)
+        write_moment(state, _FULL_MOMENTS[1], exp_avg_sq)
+        direction = adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"]).to(A_w.dtype)
+        gA_d, gB_d = lora_gradients(A_w, B_w, direction, scale)
+        gA, gB = adjust_gradients(A_w, B_w, gA_d, gB_d, scale, group["x_mode"], grams, rcond)
+        if wd:
+            factor_decay = math.sqrt(1 - lr * wd)
+            A_w.mul_(factor_decay)
+            B_w.mul_(factor_decay)
+            base_weight = self._base_weights.get(A)
+            if base_weight is not None:
+                base_weight.mul_(1 - lr * wd)
+        A_w.add_(gA, alpha=-lr)
+        B_w.add_(gB, alpha=-lr)
+        for param, work in ((A, A_w), (B, B_w)):
+            if work is not param:
+                param.copy_(work)
+
+    @property
+    def skipped_steps(self) -> dict[str, int]:
+        """Steps skipped for non-finite gradients, per pair name (``module:adapter`` or ``pairN``)."""
+        return {g["name"]: int(self.state[g["params"][0]]["nonfinite_skips"]) if g["params"][0] in self.state
+                else 0 for g in self.param_groups if g["lora_scale"] is not None}
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """All pair steps skipped for non-finite gradients (the name ``RandLoRAAdamW`` uses)."""
+        return sum(self.skipped_steps.values())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["param_groups"]
+        kind = {True: "plain", False: "a LoRA pair"}
+        if len(saved) == len(self.param_groups):
+            for i, (group, saved_group) in enumerate(zip(self.param_groups, saved)):
+                here, there = group["lora_scale"] is None, saved_group.get("lora_scale") is None
+                if here != there:
+                    raise ValueError(f"state_dict: parameter group {i} ({saved_group.get('name')}) is {kind[there]} "
+                                     f"there but {kind[here]} here ({group['name']})")
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor but "step" to its parameter's dtype; a moment's storage format
+        # (fp32, bf16, 8-bit) and the CPU counters are its own, so put the saved tensors back as they are
+        saved_ids = [i for g in saved for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    device = value.device if key in _COUNTERS else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_base_weights", {})
