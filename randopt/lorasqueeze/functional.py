@@ -350,3 +350,155 @@ def squeeze_operator(op: LinearOperator, rank: int, alpha: float | None = None, 
     kept = float(svd.S.double().square().sum())
     energy = math.nan if total_energy is None else (1.0 if total_energy == 0 else kept / total_energy)
     return dataclasses.replace(squeezed, energy=energy)
+
+
+# ------------------------------------------------------------------------- in-training: coordinate maps
+
+
+@dataclass(frozen=True)
+class FactorMaps:
+    """Linear maps from a LoRA pair's coordinates at rank ``r`` to the squeezed pair's at rank ``r_t``.
+
+    With ``B = Q_B R_B``, ``A^T = Q_A R_A``, ``s R_B R_A^T = U_c S V_c^T`` (``FactoredSVD``), kept singular
+    values ``S_t`` and target scale ``s_t``, the squeezed factors are ``B' = Q_B U_ct S_t^(1/2) / sqrt(s_t)`` and
+    ``A' = S_t^(1/2) V_ct^T Q_A^T / sqrt(s_t)``. Eliminating ``Q_A`` with ``Q_A^T = V_c S^-1 U_c^T s R_B A``
+    (from the core SVD) and ``Q_B`` likewise gives maps that need no inverse of ``R_A`` or ``R_B``:
+
+    - parameters (``A' = A_map @ A``, ``B' = B @ B_map``), and anything that moves like them (updates, LoRA-Pro's
+      adjusted gradients, which are directions in the factors' space)::
+
+          A_map = s / sqrt(s_t) * S_t^(-1/2) U_ct^T R_B        (r_t x r)
+          B_map = s / sqrt(s_t) * R_A^T V_ct S_t^(-1/2)        (r x r_t)
+
+    - gradients of the loss, which are covectors: for the same ``G = dL/dW``, ``dL/dA' = s_t B'^T G =
+      (s_t / s) B_map^T (s B^T G)`` and ``dL/dB' = s_t G A'^T = (dL/dB) (s_t / s) A_map^T``::
+
+          grad_A_map = (s_t / s) B_map^T = sqrt(s_t) S_t^(-1/2) V_ct^T R_A      (dL/dA' = grad_A_map @ dL/dA)
+          grad_B_map = (s_t / s) A_map^T = sqrt(s_t) R_B^T U_ct S_t^(-1/2)      (dL/dB' = dL/dB @ grad_B_map)
+
+    Without truncation (``r_t = r``, invertible factors) ``grad_A_map = A_map^-T``: the contragredient map, as
+    it must be. ``live[i]`` is False for a kept direction with ``S_i`` at rounding level (the update has lower
+    rank than ``r_t``): the maps have zero rows/columns there, because the truncated update does not use it.
+    """
+
+    A_map: torch.Tensor
+    B_map: torch.Tensor
+    grad_A_map: torch.Tensor
+    grad_B_map: torch.Tensor
+    live: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainingSqueeze(Squeezed):
+    """``Squeezed`` plus the coordinate maps that carry optimizer state into the new factors.
+
+    Dead directions (``maps.live`` False, within the first ``min(r_t, rank of the core)``) are revived for training:
+    ``B'`` keeps a zero column there (the update is the truncation either way) and ``A'`` gets the unit right
+    singular direction ``Q_A V_c[:, i]`` scaled to the RMS row norm of the old ``A``, so the pair can still learn
+    that direction, as a PEFT pair does from its init. A plain truncation would leave both zero, a saddle that
+    gradient descent never leaves.
+    """
+
+    maps: FactorMaps
+
+
+def factor_maps(svd: FactoredSVD, rank: int, scale: float, target_scale: float,
+                rcond: float | None = None) -> FactorMaps:
+    """The maps of ``FactorMaps`` for truncating ``svd`` (of ``scale * B @ A``) to ``rank`` at ``target_scale``.
+
+    A kept singular value at or below ``rcond * S[0]`` counts as zero (default ``rcond``: ``max(m, n, r) * eps``
+    of the dtype); the maps are zero there instead of dividing by it. Columns beyond the rank of the core
+    (``rank > min(m, n, r)``) are zero as well.
+    """
+    check_rank(rank)
+    if not scale > 0 or not target_scale > 0 or math.isinf(scale) or math.isinf(target_scale):
+        raise ValueError(f"scales must be positive finite numbers, got scale={scale!r}, target_scale={target_scale!r}")
+    S = svd.S
+    k = min(rank, S.numel())
+    if rcond is None:
+        rcond = max(svd.Q_B.shape[0], svd.Q_A.shape[0], svd.R_B.shape[1]) * torch.finfo(S.dtype).eps
+    threshold = rcond * (float(S[0]) if S.numel() else 0.0)
+    S_t = S[:k]
+    live = S_t > threshold
+    inv_root = torch.where(live, S_t.clamp_min(torch.finfo(S.dtype).tiny).rsqrt(), torch.zeros_like(S_t))
+    U_ct, V_ct = svd.core_U[:, :k], svd.core_V[:, :k]
+    root_t = math.sqrt(target_scale)
+    A_map = (scale / root_t) * inv_root[:, None] * (U_ct.T @ svd.R_B)
+    B_map = (scale / root_t) * (svd.R_A.T @ V_ct) * inv_root[None, :]
+    grad_A_map = root_t * inv_root[:, None] * (V_ct.T @ svd.R_A)
+    grad_B_map = root_t * (svd.R_B.T @ U_ct) * inv_root[None, :]
+    if k < rank:  # zero-padded columns of split_factors: nothing maps there
+        pad = rank - k
+        A_map, grad_A_map = (torch.cat([M, M.new_zeros(pad, M.shape[1])], 0) for M in (A_map, grad_A_map))
+        B_map, grad_B_map = (torch.cat([M, M.new_zeros(M.shape[0], pad)], 1) for M in (B_map, grad_B_map))
+        live = torch.cat([live, live.new_zeros(pad)])
+    return FactorMaps(A_map, B_map, grad_A_map, grad_B_map, live)
+
+
+def squeeze_for_training(B: torch.Tensor, A: torch.Tensor, alpha: float, *, rank: int | None = None,
+                         energy: float | None = None, target_alpha_policy="keep_scale", rslora: bool = False,
+                         rcond: float | None = None) -> TrainingSqueeze:
+    """``squeeze_factors`` for a pair that goes on training: the truncated factors (dead directions revived, see
+    ``TrainingSqueeze``) and the ``FactorMaps`` that move optimizer moments into the new coordinates.
+
+    With ``energy`` the rank may come out equal to the source rank (nothing to cut): the caller decides whether
+    to keep the pair as it is.
+    """
+    _check_factors(B, A)
+    check_target(rank, energy)
+    check_alpha(alpha)
+    source_rank = A.shape[0]
+    source_scale = lora_scale(alpha, source_rank, rslora)
+    svd = factored_svd(B, A, source_scale)
+    if energy is not None:
+        rank = select_rank(svd.S, energy)
+    else:
+        check_target_rank(rank, source_rank)
+    alpha_t = target_alpha(target_alpha_policy, alpha, source_rank, rank, rslora)
+    squeezed = truncate(svd, rank, alpha_t, rslora)
+    maps = factor_maps(svd, rank, source_scale, squeezed.scale, rcond)
+    A_new = squeezed.A
+    k = min(rank, svd.S.numel())
+    dead = (~maps.live[:k]).nonzero().flatten()
+    if dead.numel():
+        rms_row = A.norm() / math.sqrt(source_rank)
+        A_new = A_new.clone()
+        A_new[dead] = rms_row * svd.V[:, dead].T
+    return TrainingSqueeze(squeezed.B, A_new, squeezed.rank, squeezed.alpha, squeezed.scale, squeezed.energy,
+                           svd, maps)
+
+
+MOMENT_SIDES = ("left", "right")
+
+
+def project_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, matrix: torch.Tensor, side: str, *,
+                    step: int, betas: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam moments of a quantity ``g`` carried to ``g' = matrix @ g`` (``side="left"``) or ``g @ matrix``
+    (``"right"``).
+
+    First moment: ``m' = matrix m``, exact (an EMA is linear). Second moment: ``E[g'^2]`` needs the cross terms
+    ``E[g_j g_k]``, which Adam does not keep. Model each coordinate as mean plus independent noise, with the
+    bias-corrected moments as estimates: ``mu = m / (1 - b1^t)``, ``var = max(v / (1 - b2^t) - mu^2, 0)``; then
+    ``E[g'^2] = (matrix mu)^2 + (matrix^2) var`` (entrywise square), stored back with the ``(1 - b2^t)`` factor.
+    This is exact when the noise is uncorrelated, reduces to the squared-entries map when the mean is zero, and
+    keeps ``m'^2 <= v'`` (bias-corrected), so the first steps after a squeeze respect Adam's usual step bound
+    ``|update| <~ lr``. The plain squared-entries map ``(matrix^2) v`` can break that bound by up to
+    ``sqrt(r)`` when the mean dominates (a consistent gradient direction summed over r coordinates).
+    """
+    if side not in MOMENT_SIDES:
+        raise ValueError(f"side must be one of {MOMENT_SIDES}, got {side!r}")
+
+    def apply(X, M):
+        return M @ X if side == "left" else X @ M
+
+    dtype = torch.promote_types(matrix.dtype, torch.float64 if exp_avg.dtype == torch.float64 else torch.float32)
+    M, m, v = matrix.to(dtype), exp_avg.to(dtype), exp_avg_sq.to(dtype)
+    m_new = apply(m, M)
+    beta1, beta2 = betas
+    if step <= 0:  # no gradient seen: the moments are zero
+        return m_new, apply(v, M.square())
+    c1, c2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    mean = m / c1
+    var = (v / c2 - mean.square()).clamp_min(0.0)
+    v_new = (apply(mean, M).square() + apply(var, M.square())) * c2
+    return m_new, v_new
