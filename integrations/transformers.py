@@ -1,0 +1,141 @@
+"""transformers ``Trainer`` integration: a one-line optimizer hook-up and a callback.
+
+    from randopt.integrations.transformers import RandoptCallback, randopt_optimizer
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=randopt_optimizer("RandLoRAAdamW", target_modules=["q_proj", "v_proj"],
+                                                                 rank=32, lr=1e-4))
+    RandoptCallback.attach(trainer)
+
+``optimizer_cls_and_kwargs`` (not ``optimizers=(opt, None)``) is the route that also works with
+``TrainingArguments(deepspeed=...)``: transformers drops ``optimizers=`` silently under DeepSpeed. The
+Trainer builds our optimizer from the model through a factory, so target modules are resolved by name.
+The learning rate is the one given here (``lr``): transformers does not pass ``args.learning_rate`` to
+an optimizer built this way; the callback warns when the two differ.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from transformers import TrainerCallback
+
+import randopt
+from randopt.optim.lorapro_adamw import LoRAProAdamW
+from randopt.optim.randlora_adamw import RandLoRAAdamW
+from randopt.randlora.functional import reconstruct, scaled_basis
+
+OPTIMIZERS = {"RandLoRAAdamW": RandLoRAAdamW, "LoRAProAdamW": LoRAProAdamW}
+
+
+class RandoptOptimizerFactory:
+    """transformers calls ``Factory()(model, **kwargs)`` for any optimizer class that is not a
+    ``torch.optim.Optimizer``: this is how we get the model, to resolve target modules by name."""
+
+    def __call__(self, model, optimizer: str = "RandLoRAAdamW", target_modules=None, **kwargs):
+        return build_optimizer(model, optimizer, target_modules=target_modules, **kwargs)
+
+
+def build_optimizer(model, optimizer: str, target_modules=None, **kwargs) -> torch.optim.Optimizer:
+    """Build a randopt optimizer for ``model`` by name: RandLoRAAdamW over ``target_modules`` (required)
+    with plain AdamW for the other trainable parameters, or LoRAProAdamW over the model's LoRA pairs."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if optimizer == "RandLoRAAdamW":
+        if target_modules is None:
+            raise ValueError("RandLoRAAdamW needs target_modules (names of the linear layers to train through "
+                             "RandLoRA), got None")
+        group_keys = ("rank", "alpha", "seed", "basis_kind")
+        group_options = {k: kwargs.pop(k) for k in group_keys if k in kwargs}
+        return RandLoRAAdamW(randopt.param_groups(model, target_modules, **group_options), **kwargs)
+    if target_modules is not None:
+        raise ValueError("LoRAProAdamW finds the LoRA pairs itself; target_modules must be None, "
+                         f"got {target_modules!r}")
+    return LoRAProAdamW(model, **kwargs)
+
+
+def randopt_optimizer(optimizer: str = "RandLoRAAdamW", **kwargs) -> tuple[type, dict]:
+    """The value for ``Trainer(optimizer_cls_and_kwargs=...)``. Checks the optimizer name now, so a typo
+    fails before training starts."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    return RandoptOptimizerFactory, {"optimizer": optimizer, **kwargs}
+
+
+def unwrap_optimizer(optimizer):
+    """Our optimizer inside accelerate's or DeepSpeed's wrappers (each keeps it as ``.optimizer``)."""
+    seen = set()
+    while optimizer is not None and not isinstance(optimizer, tuple(OPTIMIZERS.values())) and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer if isinstance(optimizer, tuple(OPTIMIZERS.values())) else None
+
+
+def randlora_metrics(optimizer: RandLoRAAdamW) -> dict[str, float]:
+    """Norms of the coefficients and of the whole learned update ``dW`` over all RandLoRA matrices
+    (computed at log time from the optimizer state: one ``dW`` reconstruction per matrix)."""
+    lam_sq = gam_sq = update_sq = 0.0
+    for _, _, lam, gam, layer, scale in optimizer.matrices():
+        lam_sq += lam.square().sum().item()
+        gam_sq += gam.square().sum().item()
+        update_sq += reconstruct(layer, scaled_basis(layer.A, lam, gam), scale).square().sum().item()
+    return {"randopt/lambda_norm": math.sqrt(lam_sq), "randopt/gamma_norm": math.sqrt(gam_sq),
+            "randopt/update_norm": math.sqrt(update_sq)}
+
+
+def optimizer_metrics(optimizer) -> dict[str, float]:
+    """What users of these methods watch, for whichever randopt optimizer is in use."""
+    metrics = {"randopt/nonfinite_skips": float(optimizer.nonfinite_skips)}
+    if isinstance(optimizer, RandLoRAAdamW):
+        metrics.update(randlora_metrics(optimizer))
+    extra = getattr(optimizer, "metrics", None)
+    if callable(extra):
+        metrics.update({f"randopt/{k}": float(v) for k, v in extra().items()})
+    return metrics
+
+
+class RandoptCallback(TrainerCallback):
+    """Adds randopt's metrics to every Trainer log (``randopt/...`` keys) and, when ``export_adapter`` is
+    set, writes the learned RandLoRA update as a PEFT adapter into each checkpoint directory."""
+
+    def __init__(self, export_adapter: bool = True, adapter_subdir: str = "randopt_adapter"):
+        self.export_adapter = export_adapter
+        self.adapter_subdir = adapter_subdir
+
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> "RandoptCallback":
+        """Add the callback FIRST, so reporting integrations (TensorBoard, W&B, the printer) see our keys."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        ours = unwrap_optimizer(optimizer)
+        if ours is None:
+            warnings.warn("RandoptCallback: the Trainer's optimizer is not a randopt optimizer. Under "
+                          "TrainingArguments(deepspeed=...) transformers ignores optimizers=(opt, None); pass "
+                          "optimizer_cls_and_kwargs=randopt_optimizer(...) instead.", stacklevel=2)
+            return
+        lrs = {group["lr"] for group in ours.param_groups}
+        if args.learning_rate not in lrs:
+            warnings.warn(f"RandoptCallback: the optimizer's learning rate {sorted(lrs)} is used, not "
+                          f"TrainingArguments.learning_rate={args.learning_rate}", stacklevel=2)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        ours = unwrap_optimizer(optimizer)
+        if ours is None or logs is None or not any(k == "loss" or k.startswith("train") for k in logs):
+            return
+        metrics = optimizer_metrics(ours)
+        logs.update(metrics)
+        if state.log_history:
+            state.log_history[-1].update(metrics)
+
+    def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
+        ours = unwrap_optimizer(optimizer)
+        if not self.export_adapter or not isinstance(ours, RandLoRAAdamW) or not state.is_world_process_zero:
+            return
+        from randopt.integrations.peft import export_randlora_adapter
+
+        checkpoint = f"{args.output_dir}/checkpoint-{state.global_step}"
+        export_randlora_adapter(model, ours, f"{checkpoint}/{self.adapter_subdir}")

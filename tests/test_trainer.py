@@ -1,0 +1,78 @@
+"""transformers Trainer integration: the optimizer factory, the callback's metrics, exact resume."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import LLAMA_TARGETS, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+from randopt.integrations.transformers import RandoptCallback, randopt_optimizer  # noqa: E402
+from randopt.optim.randlora_adamw import RandLoRAAdamW  # noqa: E402
+
+
+def dataset(n=12):
+    generator = torch.Generator().manual_seed(0)
+    pool = [torch.randint(0, 50, (8,), generator=generator) for _ in range(3)]
+    return [{"input_ids": pool[i % 3], "labels": pool[i % 3]} for i in range(n)]
+
+
+def make_trainer(tmp_path, max_steps=6, **overrides):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, logging_steps=1,
+        save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        learning_rate=1e-2, lr_scheduler_type="constant", dataloader_num_workers=0)
+    kwargs = {"optimizer_cls_and_kwargs": randopt_optimizer("RandLoRAAdamW", target_modules=LLAMA_TARGETS, rank=3,
+                                                            alpha=5.0, lr=1e-2)}
+    kwargs.update(overrides)
+    model = tiny_llama(torch.float32)
+    model.train()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(), **kwargs)
+    return trainer
+
+
+def losses(trainer):
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def test_factory_builds_randlora_adamw_and_callback_logs_metrics(tmp_path):
+    trainer = make_trainer(tmp_path)
+    RandoptCallback.attach(trainer, export_adapter=False)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      RandLoRAAdamW)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 6
+    assert all({"randopt/lambda_norm", "randopt/update_norm", "randopt/nonfinite_skips"} <= h.keys() for h in logged)
+    assert logged[-1]["randopt/update_norm"] > logged[0]["randopt/update_norm"] > 0
+    assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    uninterrupted = make_trainer(tmp_path / "a")
+    uninterrupted.train()
+    first = make_trainer(tmp_path / "b", max_steps=6)
+    first.args.max_steps = 3  # stop after the first checkpoint, as a crash would
+    first.train()
+    resumed = make_trainer(tmp_path / "b", max_steps=6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    expected = losses(uninterrupted)
+    got = {**losses(first), **losses(resumed)}
+    assert got == expected
+
+
+def test_unknown_optimizer_name_fails_before_training():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        randopt_optimizer("RandLoraAdam")
+
+
+def test_callback_warns_when_the_optimizer_is_not_ours(tmp_path):
+    model = tiny_llama(torch.float32)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                          disable_tqdm=True, per_device_train_batch_size=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(4))
+    RandoptCallback.attach(trainer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("not a randopt optimizer" in str(w.message) for w in caught)
