@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from randopt.lorasqueeze.export import base_weights
 from randopt.randlora.bases import (BASIS_KINDS, RandLoRABases, bases_from_tensors, compute_fingerprint, make_bases,
                                     num_bases)
 from randopt.randlora.functional import coefficient_shapes, delta_weight, init_coefficients
@@ -311,20 +312,10 @@ def _write_directory(out_dir, config: dict, tensors: dict, metadata: dict) -> st
 
 @torch.no_grad()
 def base_weights_from(model: nn.Module, optimizer, module_names=None) -> dict[str, torch.Tensor]:
-    """The pre-trained weights ``W0 = W - dW`` of the layers ``optimizer`` trains through RandLoRA, as
-    ``{"<module>.weight": W0}`` (storage layout and dtype): ``base.load_state_dict(weights, strict=False)`` turns a
-    copy of the fine-tuned model back into the base model an exported adapter goes on. Other trained parameters
-    (biases, norms) cannot be recovered."""
-    weights, converted = {}, {}
-    for name, module, p, group in _adapted_matrices(model, optimizer, module_names):
-        state = optimizer.state.get(p) or {}
-        w0 = p.detach().clone()
-        if "lambda" in state:
-            key = _bases_key(group)
-            bases_on = converted.setdefault(key, _BasesOn(optimizer._bases[key]))
-            w0 -= _delta_in_storage_layout(bases_on, state["lambda"], state["gamma"], optimizer._scale(group), module)
-        weights[f"{name}.weight"] = w0
-    return weights
+    """The pre-trained weights ``W0 = W - dW`` as ``{"<module>.weight": W0}``, for
+    ``base.load_state_dict(weights, strict=False)``; see ``randopt.lorasqueeze.base_weights``. Other trained
+    parameters (biases, norms) cannot be recovered."""
+    return base_weights(model, optimizer, module_names)
 
 
 # ----- import -----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 import randopt
+from randopt.integrations.squeeze_trainer import SqueezeCallback  # noqa: F401  (re-exported)
 from randopt.optim.lorapro_adamw import LoRAProAdamW
 from randopt.optim.randlora_adamw import RandLoRAAdamW
 from randopt.randlora.functional import reconstruct, scaled_basis

@@ -5,6 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the test models are tiny: extra threads only contend (a 2-core CI box runs subprocess tests beside pytest)
+torch.set_num_threads(1)
 
 
 def tiny_gpt2(dtype=torch.float64, seed=0):
