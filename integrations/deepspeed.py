@@ -11,6 +11,9 @@ with gradient accumulation and gradient clipping):
                           "target_modules": ["q_proj", "v_proj"]}}
        engine, optimizer, _, _ = randopt.integrations.deepspeed.initialize(model=model, config=cfg)
 
+   For ``LoRAProAdamW`` the model is a LoRA model (PEFT's or one with explicit pairs) and the block has no
+   ``target_modules``: the optimizer finds the (A, B, scaling) pairs itself, e.g.
+   ``{"optimizer": "LoRAProAdamW", "params": {"lr": 2e-5, "mode": "full"}}``.
    The block is checked (optimizer name, its parameters against the optimizer's signature, that
    ``target_modules`` matches trainable layers) before DeepSpeed starts, turned into parameter groups with
    ``randopt.param_groups``, removed from the config, and the optimizer is handed to ``deepspeed.initialize``
@@ -40,8 +43,11 @@ from randopt.optim.groups import param_groups
 
 CONFIG_KEY = "randopt"
 BLOCK_KEYS = ("optimizer", "params", "target_modules")
-OPTIMIZERS = {"RandLoRAAdamW": "randopt.optim.randlora_adamw:RandLoRAAdamW"}
-"""Optimizers the plugin builds, by name. LoRAProAdamW joins once its ZeRO support lands."""
+OPTIMIZERS = {"RandLoRAAdamW": "randopt.optim.randlora_adamw:RandLoRAAdamW",
+              "LoRAProAdamW": "randopt.optim.lorapro_adamw:LoRAProAdamW"}
+"""Optimizers the plugin builds, by name."""
+TARGETED = ("RandLoRAAdamW",)
+"""Optimizers whose block names the layers to train (``target_modules``); LoRAProAdamW finds LoRA pairs itself."""
 NOT_UNDER_DEEPSPEED = {
     "fused_backward": "DeepSpeed owns the gradients (it reduces and partitions them during backward)",
     "data_parallel": "under DeepSpeed the optimizer communicates by itself (one coefficient all-reduce per step)",
@@ -92,6 +98,11 @@ def _check_block(block) -> tuple[type, dict, object]:
     for name, why in NOT_UNDER_DEEPSPEED.items():
         if params.get(name):
             raise ValueError(f'"{CONFIG_KEY}.params.{name}" cannot be used under DeepSpeed: {why}')
+    if block["optimizer"] not in TARGETED:
+        if "target_modules" in block:
+            raise ValueError(f'"{CONFIG_KEY}.target_modules" is not used by {block["optimizer"]}: it trains the LoRA '
+                             "pairs of the model it is given (choose them when you build the LoRA model)")
+        return cls, dict(params), None
     if "target_modules" not in block:
         raise ValueError(f'"{CONFIG_KEY}" needs "target_modules": the names (or a regex) of the layers to train '
                          "through the optimizer")
@@ -118,9 +129,11 @@ def optimizer_from_config(model: nn.Module, config) -> tuple[object, dict]:
         raise ValueError(f'the config has no "{CONFIG_KEY}" block')
     cls, params, targets = _check_block(config.pop(CONFIG_KEY))
     _check_deepspeed_config(config)
-    rank = params.get("rank", 32)
-    groups = param_groups(model, targets, rank=rank)
-    optimizer = cls(groups, **{**params, "rank": rank})
+    if cls.__name__ not in TARGETED:
+        optimizer = cls(model, **params)
+    else:
+        rank = params.get("rank", 32)
+        optimizer = cls(param_groups(model, targets, rank=rank), **{**params, "rank": rank})
     if (config.get("zero_optimization") or {}).get("stage", 0):
         config.setdefault("zero_allow_untested_optimizer", True)
     return optimizer, config

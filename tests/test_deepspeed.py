@@ -1,4 +1,5 @@
-"""DeepSpeed: RandLoRAAdamW under ZeRO 1/2/3 in real 2-rank runs (one torchrun launch), and the config plugin."""
+"""DeepSpeed: RandLoRAAdamW and LoRAProAdamW under ZeRO 1/2/3 in real 2-rank runs (one torchrun launch), and the
+config plugin."""
 import json
 import os
 import shutil
@@ -61,11 +62,7 @@ def test_zero_stage_equals_single_process_on_global_batch(zero_runs, case):
     run = zero_runs[case]
     assert run["optimizer_class"] == "RandLoRAAdamW"
     assert split_matrices(run["fragments"]), "the test model must put a partition boundary inside a matrix's row"
-    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(run["reference_losses"]), rtol=1e-5, atol=0)
-    assert run["weights"].keys() == run["reference_weights"].keys()
-    for name, expected in run["reference_weights"].items():
-        torch.testing.assert_close(run["weights"][name], expected, rtol=1e-5, atol=1e-5, msg=name)
-    assert run["low_precision_matches_master"], "a fragment written after DeepSpeed copied it was not re-synced"
+    assert_matches_reference(run)
     # DeepSpeed stepped the optimizer once per group (or sub-group); it ran once per real step, and communicated
     # one flat all-reduce of exactly the coefficient gradients per step: no full-size gradient or weight
     assert run["step_calls"] > STEPS
@@ -99,6 +96,50 @@ def test_bf16_trains_like_fp32(zero_runs, case):
     assert run["communicated"] == {"all_reduces": STEPS, "bytes": STEPS * run["coefficient_bytes"]}
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(run["reference_losses"]), rtol=0, atol=5e-3)
 
+
+
+def assert_matches_reference(run):
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(run["reference_losses"]), rtol=1e-5, atol=0)
+    assert run["weights"].keys() == run["reference_weights"].keys()
+    for name, expected in run["reference_weights"].items():
+        torch.testing.assert_close(run["weights"][name], expected, rtol=1e-5, atol=1e-5, msg=name)
+    assert run["low_precision_matches_master"], "a fragment written after DeepSpeed copied it was not re-synced"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["lorapro_zero1_full", "lorapro_zero2_efficient", "lorapro_zero3_full"])
+def test_lorapro_zero_stage_equals_single_process_on_global_batch(zero_runs, case):
+    """Every LoRA pair assembled whole although a partition boundary cuts a factor mid-row; trained factors and the
+    base weights (full mode decays W0) equal the single-process run; the traffic is the factor weights and
+    gradients (plus, in full mode, the adjusted updates) once per real step, never an m x n matrix."""
+    run = zero_runs[case]
+    assert run["optimizer_class"] == "LoRAProAdamW"
+    assert any(".lora_" in name for name in split_matrices(run["fragments"])), "a LoRA factor must be cut mid-row"
+    assert any(name.endswith("base_layer.weight") for name in run["weights"])
+    assert_matches_reference(run)
+    assert run["skipped"] == 0
+    full = case.endswith("_full")
+    per_step = (3 if full else 2) * run["factor_bytes"]
+    assert run["communicated"] == {"all_reduces": STEPS * (2 if full else 1), "bytes": STEPS * per_step}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["lorapro_zero1_full", "lorapro_zero3_full"])
+def test_lorapro_full_mode_moments_are_sharded_by_layer(zero_runs, case):
+    run = zero_runs[case]
+    per_rank = [set(names) for names in run["full_moments_of"]]
+    assert all(per_rank), "each rank keeps the m x n moments of some pairs"
+    assert not per_rank[0] & per_rank[1], "no pair's moments are kept twice"
+    assert per_rank[0] | per_rank[1] == set(run["pair_names"])
+
+
+@pytest.mark.distributed
+def test_lorapro_checkpoint_resume_is_exact(zero_runs):
+    run = zero_runs["lorapro_zero1_full"]
+    assert run["state_restored"]
+    assert run["resumed_losses"] == run["losses"][RESUME_AT:]
+    for name, value in run["weights"].items():
+        assert torch.equal(run["resumed_weights"][name], value), name
 
 @pytest.mark.distributed
 def test_trainer_check_flags_the_dropped_optimizer(zero_runs):
@@ -148,6 +189,25 @@ def test_bad_config_block_fails_before_deepspeed_starts(monkeypatch, change, mat
     with pytest.raises(ValueError, match=match):
         plugin.initialize(model=tiny_llama(), config=config)
     assert not started
+
+
+def test_config_block_builds_lorapro_on_a_lora_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS))
+    config = {"zero_optimization": {"stage": 3},
+              "randopt": {"optimizer": "LoRAProAdamW", "params": {"lr": 1e-3, "mode": "efficient"}}}
+    optimizer, ds_config = plugin.optimizer_from_config(model, config)
+    assert isinstance(optimizer, randopt.LoRAProAdamW)
+    pairs = [g for g in optimizer.param_groups if g["lora_scale"] is not None]
+    lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(pairs) == len(lora_layers) > 0 and all(g["mode"] == "efficient" and g["lr"] == 1e-3 for g in pairs)
+    assert ds_config["zero_allow_untested_optimizer"] is True
+    with pytest.raises(ValueError, match="target_modules.*not used by LoRAProAdamW"):
+        plugin.optimizer_from_config(model, {"randopt": {**config["randopt"], "target_modules": ["q_proj"]}})
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['rank'\] for LoRAProAdamW"):
+        plugin.optimizer_from_config(model, {"randopt": {"optimizer": "LoRAProAdamW", "params": {"rank": 8}}})
+    with pytest.raises(ValueError, match="no LoRA layers found"):
+        plugin.optimizer_from_config(tiny_llama(), {"randopt": {"optimizer": "LoRAProAdamW"}})
 
 
 def test_config_conflicts_are_refused():

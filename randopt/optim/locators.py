@@ -254,8 +254,11 @@ class ZeRO3Partitions(_Partitions):
         return p.ds_process_group
 
 
-def locator_for(groups: list[dict], params_of: ParamsOf):
-    """The locator matching how ``groups`` hold their parameters now: whole tensors unless DeepSpeed replaced them."""
+def locator_for(groups: list[dict], params_of: ParamsOf, previous=None):
+    """The locator matching how ``groups`` hold their parameters now: whole tensors unless DeepSpeed replaced them.
+
+    ``previous`` (the locator of the last call) is returned when it is of the right kind: a DeepSpeed locator
+    remembers where the spans of earlier calls of the real step live, which the last call writes and refreshes."""
     replaced = False
     originals = []
     for group in groups:
@@ -265,13 +268,15 @@ def locator_for(groups: list[dict], params_of: ParamsOf):
         if len(current) != len(mine) or any(a is not b for a, b in zip(current, mine)):
             replaced = True
     if not replaced:
-        return WholeTensors()
-    if any(hasattr(p, "ds_id") for p in originals):
-        return ZeRO3Partitions()
-    if any(hasattr(p, "_hp_mapping") for p in originals):
-        return FlatPartitions()
-    raise RuntimeError("this optimizer's parameter groups no longer hold the parameters it was given, and they are "
-                       "not DeepSpeed ZeRO partitions it knows how to locate")
+        kind = WholeTensors
+    elif any(hasattr(p, "ds_id") for p in originals):
+        kind = ZeRO3Partitions
+    elif any(hasattr(p, "_hp_mapping") for p in originals):
+        kind = FlatPartitions
+    else:
+        raise RuntimeError("this optimizer's parameter groups no longer hold the parameters it was given, and they are "
+                           "not DeepSpeed ZeRO partitions it knows how to locate")
+    return previous if type(previous) is kind else kind()
 
 
 class RealStep:

@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
 from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
+from .locators import RealStep, locator_for, logical_shape
 from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
                     write_moment)
 
@@ -183,6 +186,19 @@ def _adamw_(param, grad, state, step, group) -> None:
     write_moment(state, "exp_avg_sq", exp_avg_sq)
 
 
+def _decay_base_weight_(weight: torch.Tensor, factor: float) -> None:
+    """Decay a frozen ``W0`` where this process holds it: whole (plain training, ZeRO 1/2 keep frozen weights
+    whole on every rank), or under ZeRO-3 this rank's partition ``ds_tensor`` (and the gathered copy if the
+    parameter is currently whole, e.g. persistent)."""
+    partition = getattr(weight, "ds_tensor", None)
+    if partition is None:
+        weight.mul_(factor)
+        return
+    partition.data.mul_(factor)
+    if weight.data.numel() == getattr(weight, "ds_numel", -1):
+        weight.data.mul_(factor)
+
+
 def _new_step() -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32)
 
@@ -208,6 +224,15 @@ class LoRAProAdamW(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             params = model_groups(params)
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
+        # DeepSpeed replaces group["params"] by flat partitions and steps groups one at a time: remember each
+        # group's original parameters (by the group dict's identity) and all groups
+        self._originals: dict[int, list[torch.Tensor]] = {}
+        self._all_groups: list[dict] = []
+        self._locator = None
+        self._real_step = RealStep()
+        self._pending: dict[int, tuple] = {}
+        self.communicated = {"all_reduces": 0, "bytes": 0}
+        """Collective calls this optimizer made and the bytes it reduced (per process), over its lifetime."""
         super().__init__(params, defaults)
         if not any(g["lora_scale"] is not None for g in self.param_groups):
             raise ValueError("params: no LoRA pair given; pass a LoRA model or lorapro_groups(pairs=...)")
@@ -236,13 +261,20 @@ class LoRAProAdamW(torch.optim.Optimizer):
             _check_pair(merged["name"] or "pair", *params, merged["lora_scale"], base_weight)
             group["params"] = params
         super().add_param_group(group)
+        added = self.param_groups[-1]
+        self._originals[id(added)] = list(added["params"])
+        self._all_groups.append(added)
         if merged["lora_scale"] is not None:
             self._base_weights[group["params"][0]] = base_weight
+
+    def _params_of(self, group: dict) -> list[torch.Tensor]:
+        """The parameters a group was given (DeepSpeed may have replaced ``group["params"]``)."""
+        return self._originals.get(id(group), group["params"])
 
     def _check_state(self, group: dict) -> None:
         if group["lora_scale"] is None:
             return
-        state = self.state.get(group["params"][0], {})
+        state = self.state.get(self._params_of(group)[0], {})
         other = _MOMENTS[0] if group["mode"] == "full" else _FULL_MOMENTS[0]
         if other in state or other + CODES in state:
             raise ValueError(f"{group['name']}: mode={group['mode']!r} but its state holds the other mode's "
@@ -258,6 +290,10 @@ class LoRAProAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_options(group)
             self._check_state(group)
+        self._locator = locator_for(self.param_groups, self._params_of, self._locator)
+        if self._locator.distributed:
+            self._sharded_step(self._locator)
+            return loss
         for group in self.param_groups:
             if group["lora_scale"] is None:
                 self._plain_step(group)
@@ -324,7 +360,18 @@ class LoRAProAdamW(torch.optim.Optimizer):
         self._full_step(group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams)
 
     def _full_step(self, group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams) -> None:
-        scale, rcond, lr, wd = group["lora_scale"], group["rcond"], group["lr"], group["weight_decay"]
+        gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+        self._decay_and_descend(group, A_w, B_w, gA, gB)
+        base_weight = self._base_weights.get(A)
+        if base_weight is not None and group["weight_decay"]:
+            base_weight.mul_(1 - group["lr"] * group["weight_decay"])
+        for param, work in ((A, A_w), (B, B_w)):
+            if work is not param:
+                param.copy_(work)
+
+    def _full_update(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
+        """Full mode's moments of the equivalent gradient and the adjusted factor updates of their Adam direction."""
+        scale, rcond = group["lora_scale"], group["rcond"]
         beta1, beta2 = group["betas"]
         g_equiv = projected_gradient(A_w, B_w, gA_lora, gB_lora, scale, grams)
         state["step"] += 1
@@ -335,30 +382,248 @@ class LoRAProAdamW(torch.optim.Optimizer):
         write_moment(state, _FULL_MOMENTS[1], exp_avg_sq)
         direction = adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"]).to(A_w.dtype)
         gA_d, gB_d = lora_gradients(A_w, B_w, direction, scale)
-        gA, gB = adjust_gradients(A_w, B_w, gA_d, gB_d, scale, group["x_mode"], grams, rcond)
+        return adjust_gradients(A_w, B_w, gA_d, gB_d, scale, group["x_mode"], grams, rcond)
+
+    @staticmethod
+    def _decay_and_descend(group, A_w, B_w, gA, gB) -> None:
+        """Full mode on the factors: decay (decoupled, W decays by 1 - lr*wd), then the SGD step, in place."""
+        lr, wd = group["lr"], group["weight_decay"]
         if wd:
             factor_decay = math.sqrt(1 - lr * wd)
             A_w.mul_(factor_decay)
             B_w.mul_(factor_decay)
-            base_weight = self._base_weights.get(A)
-            if base_weight is not None:
-                base_weight.mul_(1 - lr * wd)
         A_w.add_(gA, alpha=-lr)
         B_w.add_(gB, alpha=-lr)
-        for param, work in ((A, A_w), (B, B_w)):
-            if work is not param:
-                param.copy_(work)
+
+    # ----- DeepSpeed ZeRO 1/2/3 -----------------------------------------------------------------------
+    def _sharded_step(self, locator) -> None:
+        """One of DeepSpeed's per-group (ZeRO 1/2) or per-sub-group (ZeRO-3) calls.
+
+        Plain parameters are stepped at once on the fragment this rank owns. LoRA factors' fragments (fp32
+        master weight views and a copy of their gradient, which DeepSpeed frees after the call) wait for the
+        last call of the real step, which assembles every pair, runs the math and writes back the owned
+        fragments, re-syncing the low-precision copies DeepSpeed made after earlier calls.
+        """
+        self._real_step.start_call()
+        for group, params in locator.carried(self.param_groups, self._params_of):
+            for p in params:
+                if not p.requires_grad:
+                    continue
+                self._real_step.carry(p)
+                span = locator.span(p)
+                if group["lora_scale"] is None:
+                    if span is not None and span.grad is not None:
+                        self._step_span(p, group, span)
+                else:
+                    grad = None if span is None or span.grad is None else span.grad.clone()
+                    self._pending[id(p)] = (span, grad)
+        expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
+        if self._real_step.complete(expected):
+            try:
+                self._finish_real_step(locator)
+            finally:
+                self._pending.clear()
+                self._real_step.reset()
+
+    def _step_span(self, p, group, span) -> None:
+        """Plain AdamW on the fragment of a plain parameter this rank owns (moments sized like the fragment)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = _new_step()
+            for name in _MOMENTS:
+                self._init_moment(state, name, span.weight)
+        self._check_span(p, state, span)
+        state["step"] += 1
+        _adamw_(span.weight, span.grad, state, int(state["step"]), group)
+
+    @staticmethod
+    def _check_span(p, state, span) -> None:
+        where = torch.tensor([span.start, span.numel], dtype=torch.int64)
+        if "span" not in state:
+            state["span"] = where
+        elif not torch.equal(state["span"], where):
+            raise RuntimeError(f"this rank's optimizer state for a parameter of shape {tuple(logical_shape(p))} "
+                               f"covers elements {state['span'].tolist()} (start, count), but the rank now owns "
+                               f"{where.tolist()}: the state was saved with a different partitioning")
+
+    def _all_reduce_(self, flat: torch.Tensor, process_group) -> None:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group=process_group) == 1:
+            return
+        dist.all_reduce(flat, group=process_group)
+        self.communicated["all_reduces"] += 1
+        self.communicated["bytes"] += flat.numel() * flat.element_size()
+
+    def _pairs_process_group(self, locator, pairs):
+        groups = {id(locator.process_group(p)): locator.process_group(p) for g in pairs for p in self._params_of(g)}
+        if len(groups) != 1:
+            raise RuntimeError("LoRA factors live in different data-parallel groups; LoRAProAdamW under DeepSpeed "
+                               "expects one data-parallel group for all of them")
+        return next(iter(groups.values()))
+
+    def _finish_real_step(self, locator) -> None:
+        """The last call of a real step: assemble, compute, write back (see the module docstring)."""
+        pairs = [g for g in self._all_groups if g["lora_scale"] is not None]
+        process_group = self._pairs_process_group(locator, pairs)
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size(group=process_group) if distributed else 1
+        rank = dist.get_rank(group=process_group) if distributed else 0
+        factors = [p for g in pairs for p in self._params_of(g)]
+        dtype = torch.float32
+        for p in factors:
+            dtype = torch.promote_types(dtype, working_dtype(p.dtype))
+        device = factors[0].device
+        # 1. every pair whole on every rank: own fragments of weights and gradients in zeros, one all-reduce (sum).
+        # ZeRO's partition gradients are already the data-parallel average (and unscaled, clipped).
+        sizes = [math.prod(locator.shape(p)) for p in factors]
+        flat = torch.zeros(2 * sum(sizes), dtype=dtype, device=device)
+        whole, offset = {}, 0
+        for p, numel in zip(factors, sizes):
+            weight, grad = flat.narrow(0, offset, numel), flat.narrow(0, offset + numel, numel)
+            offset += 2 * numel
+            span, span_grad = self._pending.get(id(p), (None, None))
+            if span is not None:
+                weight.narrow(0, span.start, span.numel).copy_(span.weight)
+                if span_grad is not None:
+                    grad.narrow(0, span.start, span.numel).copy_(span_grad)
+            shape = locator.shape(p)
+            whole[p] = (weight.view(shape), grad.view(shape))
+        self._all_reduce_(flat, process_group)
+        # 2. the math. Efficient mode: every rank adjusts (r-sized work) and runs AdamW on its own fragments.
+        # Full mode: pair i's m x n moments live on rank i % world only; the owner computes the adjusted factor
+        # updates, and one all-reduce (sum, zeros from the others) hands them to every rank.
+        updates = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        update_of, offset, full_pairs = {}, 0, []
+        for p, numel in zip(factors, sizes):
+            update_of[p] = updates.narrow(0, offset, numel).view(locator.shape(p))
+            offset += numel
+        for index, group in enumerate(pairs):
+            A, B = self._params_of(group)
+            (A_w, gA_lora), (B_w, gB_lora) = whole[A], whole[B]
+            owner = index % world == rank
+            state = self._sharded_pair_state(A, group["mode"], owner, A_w, B_w)
+            scale, rcond = group["lora_scale"], group["rcond"]
+            if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):
+                state["nonfinite_skips"] += 1
+                continue
+            grams = factor_grams(A_w, B_w, rcond)
+            if group["mode"] == "efficient":
+                gA, gB = adjust_gradients(A_w, B_w, gA_lora, gB_lora, scale, group["x_mode"], grams, rcond)
+                if not _all_finite(gA_lora, gB_lora, gA, gB):
+                    state["nonfinite_skips"] += 1
+                    continue
+                state["step"] += 1
+                for p, g in ((A, gA), (B, gB)):
+                    span = self._pending.get(id(p), (None, None))[0]
+                    if span is not None:
+                        self._step_fragment(p, g, span, int(state["step"]), group)
+                continue
+            if owner:
+                gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+                update_of[A].copy_(gA)
+                update_of[B].copy_(gB)
+            else:
+                state["step"] += 1
+            full_pairs.append(group)
+        if full_pairs:
+            self._all_reduce_(updates, process_group)
+        for group in full_pairs:
+            A, B = self._params_of(group)
+            A_w, B_w = whole[A][0], whole[B][0]
+            self._decay_and_descend(group, A_w, B_w, update_of[A], update_of[B])
+            for p, new in ((A, A_w), (B, B_w)):
+                span = self._pending.get(id(p), (None, None))[0]
+                if span is not None:
+                    span.weight.copy_(new.reshape(-1).narrow(0, span.start, span.numel))
+            base_weight = self._base_weights.get(A)
+            if base_weight is not None and group["weight_decay"]:
+                _decay_base_weight_(base_weight, 1 - group["lr"] * group["weight_decay"])
+        # 3. low-precision copies DeepSpeed made after earlier calls
+        for p in factors:
+            if self._pending.get(id(p), (None, None))[0] is not None and self._real_step.earlier_call(p):
+                locator.refresh(p)
+
+    def _sharded_pair_state(self, A, mode, owner, A_w, B_w):
+        state = self.state[A]
+        if not state:
+            state["step"] = _new_step()
+            state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+            if mode == "full" and owner:
+                shape_of_w = A_w.new_zeros(()).expand(B_w.shape[0], A_w.shape[1])
+                for name in _FULL_MOMENTS:
+                    self._init_moment(state, name, shape_of_w)
+        if mode == "full" and owner != (_FULL_MOMENTS[0] in state or _FULL_MOMENTS[0] + CODES in state):
+            raise RuntimeError("this rank's full-mode moments do not match the pairs it is assigned (pair i goes to "
+                               "data-parallel rank i % world size): was the state saved with another world size?")
+        return state
+
+    def _step_fragment(self, p, grad, span, step, group) -> None:
+        """Efficient mode: AdamW on the fragment this rank owns, moments sized like the fragment."""
+        state = self.state[p]
+        if _MOMENTS[0] not in state and _MOMENTS[0] + CODES not in state:
+            for name in _MOMENTS:
+                self._init_moment(state, name, span.weight)
+        self._check_span(p, state, span)
+        _adamw_(span.weight, grad.reshape(-1).narrow(0, span.start, span.numel), state, step, group)
 
     @property
     def skipped_steps(self) -> dict[str, int]:
         """Steps skipped for non-finite gradients, per pair name (``module:adapter`` or ``pairN``)."""
-        return {g["name"]: int(self.state[g["params"][0]]["nonfinite_skips"]) if g["params"][0] in self.state
-                else 0 for g in self.param_groups if g["lora_scale"] is not None}
+        firsts = [(g["name"], self._params_of(g)[0]) for g in self._all_groups if g["lora_scale"] is not None]
+        return {name: int(self.state[A]["nonfinite_skips"]) if "nonfinite_skips" in self.state.get(A, {}) else 0
+                for name, A in firsts}
 
     @property
     def nonfinite_skips(self) -> int:
         """All pair steps skipped for non-finite gradients (the name ``RandLoRAAdamW`` uses)."""
         return sum(self.skipped_steps.values())
+
+    def _replaced(self) -> bool:
+        """Whether DeepSpeed replaced some group's parameters by flat partitions."""
+        return any(len(g["params"]) != len(self._params_of(g))
+                   or any(a is not b for a, b in zip(g["params"], self._params_of(g))) for g in self.param_groups)
+
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``; under DeepSpeed keyed by the ORIGINAL parameters' positions
+        (each rank saves its own: fragment moments, and full mode's moments of the pairs it is assigned)."""
+        if not self._replaced():
+            return super().state_dict()
+        index: dict[int, int] = {}
+        groups, state = [], {}
+        for group in self.param_groups:
+            ids = []
+            for p in self._params_of(group):
+                position = index.setdefault(id(p), len(index))
+                ids.append(position)
+                if self.state.get(p):
+                    state[position] = dict(self.state[p])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def _load_by_originals(self, state_dict: dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        pairs = []
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            params = self._params_of(group)
+            if len(saved_group["params"]) != len(params):
+                raise ValueError(f"state_dict: group {group['name']} has {len(saved_group['params'])} parameters "
+                                 f"there, {len(params)} here")
+            pairs.extend(zip(saved_group["params"], params))
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+            group["betas"] = tuple(group["betas"])
+        state = defaultdict(dict)
+        for saved_id, param in pairs:
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    device = value.device if key in _COUNTERS or key == "span" else param.device
+                    value = value.to(device=device, copy=True)
+                state[param][key] = value
+        self.state = state
+        self._pending.clear()
+        self._real_step.reset()
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["param_groups"]
@@ -369,6 +634,9 @@ class LoRAProAdamW(torch.optim.Optimizer):
                 if here != there:
                     raise ValueError(f"state_dict: parameter group {i} ({saved_group.get('name')}) is {kind[there]} "
                                      f"there but {kind[here]} here ({group['name']})")
+        if self._replaced():
+            self._load_by_originals(state_dict)
+            return
         super().load_state_dict(state_dict)
         # torch casts every state tensor but "step" to its parameter's dtype; a moment's storage format
         # (fp32, bf16, 8-bit) and the CPU counters are its own, so put the saved tensors back as they are
@@ -383,3 +651,9 @@ class LoRAProAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_base_weights", {})
+        self.__dict__.setdefault("_originals", {id(g): list(g["params"]) for g in self.param_groups})
+        self.__dict__.setdefault("_all_groups", list(self.param_groups))
+        self.__dict__.setdefault("_locator", None)
+        self.__dict__.setdefault("_real_step", RealStep())
+        self.__dict__.setdefault("_pending", {})
+        self.__dict__.setdefault("communicated", {"all_reduces": 0, "bytes": 0})

@@ -352,9 +352,7 @@ class RandLoRAAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        locator = locator_for(self.param_groups, self._params_of)
-        if type(locator) is not type(self._locator):
-            self._locator = locator
+        self._locator = locator_for(self.param_groups, self._params_of, self._locator)
         if self._locator.distributed:
             self._sharded_step(self._locator)
         else:

@@ -1,8 +1,9 @@
-"""Run under torchrun with 2 ranks (gloo, DS_ACCELERATOR=cpu): RandLoRAAdamW under DeepSpeed ZeRO 1, 2 and 3 in
-ONE launch (re-initialising DeepSpeed per case), against a single-process RandLoRAAdamW on the global batch that
-rank 0 runs. Writes ``<out_dir>/results.pt``: per case the losses, final fp32 weights, fragment addresses and
+"""Run under torchrun with 2 ranks (gloo, DS_ACCELERATOR=cpu): RandLoRAAdamW and LoRAProAdamW under DeepSpeed
+ZeRO 1, 2 and 3 in ONE launch (re-initialising DeepSpeed per case), against a single-process run of the same
+optimizer on the global batch that rank 0 runs. Writes ``<out_dir>/results.pt``: per case the losses, final fp32 weights, fragment addresses and
 communication counts of the DeepSpeed run, the reference's losses and weights, and for the checkpoint case the
 losses and weights of a run resumed with ``engine.load_checkpoint``."""
+import math
 import os
 import sys
 
@@ -45,7 +46,25 @@ def gpt2(seed=0):
     return model
 
 
-MODELS = {"llama": (llama, LLAMA_TARGETS), "gpt2": (gpt2, GPT2_TARGETS)}
+def lora_llama(seed=0, factor_seed=None):
+    """A PEFT LoRA model (r=3) on the one-layer llama: each pair is its own parameter group, and with 2 ranks the
+    boundary of down_proj's group (A 3 x 37, B 16 x 3) falls inside A, mid-row. B starts nonzero (from
+    ``factor_seed``) so that the whole adjustment runs from the first step; the final norm is a trainable plain
+    parameter."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(llama(seed), LoraConfig(r=3, lora_alpha=5, lora_dropout=0.0, target_modules=LLAMA_TARGETS))
+    generator = torch.Generator().manual_seed(seed if factor_seed is None else factor_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    return model
+
+
+MODELS = {"llama": (llama, LLAMA_TARGETS), "gpt2": (gpt2, GPT2_TARGETS), "lora_llama": (lora_llama, None)}
+LORAPRO_OPTIONS = dict(lr=1e-2, weight_decay=0.1)
 CASES = [
     # name, model, zero config, gradient accumulation, clipping, how the optimizer reaches DeepSpeed, extra config
     dict(name="zero1", model="llama", zero={"stage": 1}, gas=1, clip=0.0, route="client"),
@@ -56,6 +75,14 @@ CASES = [
          extra={"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}),
     dict(name="zero3_bf16", model="gpt2", gas=2, clip=0.5, route="client", extra={"bf16": {"enabled": True}},
          zero={"stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0}),
+    # LoRAProAdamW (client optimizer): full mode with a checkpoint in ZeRO-1, efficient mode with accumulation and
+    # clipping in ZeRO-2, full mode (W0 decayed on its ZeRO-3 partition) in ZeRO-3
+    dict(name="lorapro_zero1_full", model="lora_llama", optimizer="lorapro", mode="full", zero={"stage": 1}, gas=1,
+         clip=0.0, route="client", checkpoint=True),
+    dict(name="lorapro_zero2_efficient", model="lora_llama", optimizer="lorapro", mode="efficient",
+         zero={"stage": 2}, gas=2, clip=0.5, route="client"),
+    dict(name="lorapro_zero3_full", model="lora_llama", optimizer="lorapro", mode="full", gas=1, clip=0.0,
+         route="client", zero={"stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0}),
 ]
 
 
@@ -74,6 +101,13 @@ def ds_config(case, with_block: bool) -> dict:
 
 def make_engine(case, seed=0):
     make, targets = MODELS[case["model"]]
+    if case.get("optimizer") == "lorapro":
+        # a resumed run keeps the base model (frozen W0 must come back from the checkpoint too: full mode decays it)
+        # but starts from other LoRA factors, which the checkpoint must overwrite
+        model = make(0, factor_seed=None if seed == 0 else 100 + seed)
+        optimizer = randopt.LoRAProAdamW(model, mode=case["mode"], **LORAPRO_OPTIONS)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case, False))
+        return engine
     model = make(seed)
     if case["route"] == "plugin":
         engine, *_ = randopt_deepspeed.initialize(model=model, config=ds_config(case, True))
@@ -107,9 +141,19 @@ def train(engine, batches, case):
 
 
 def full_weights(engine) -> dict:
-    """Every trainable parameter's fp32 master weight, whole (a collective: all ranks call it)."""
-    return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in engine.module.named_parameters()
-            if p.requires_grad}
+    """Every trainable parameter's fp32 master weight, whole, and every LoRA base weight (frozen: LoRA-Pro's full
+    mode decays it) gathered (collectives: all ranks call it)."""
+    weights = {name: safe_get_full_fp32_param(p).detach().clone() for name, p in engine.module.named_parameters()
+               if p.requires_grad}
+    bases = [(name, p) for name, p in engine.module.named_parameters() if name.endswith("base_layer.weight")]
+    with deepspeed.zero.GatheredParameters([p for _, p in bases]):
+        weights.update({name: p.detach().clone() for name, p in bases})
+    return weights
+
+
+def tracked_weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad or n.endswith("base_layer.weight")}
 
 
 def low_precision_matches_master(engine) -> bool:
@@ -134,13 +178,14 @@ def count_calls(optimizer) -> list:
 
 
 def fragments(engine) -> list:
-    """``(name, numel, columns, start, count)`` of the part of each RandLoRA matrix this rank owns, read from
-    DeepSpeed's own fragment addresses (``_hp_mapping`` for ZeRO 1/2, the ZeRO-3 partition otherwise)."""
+    """``(name, numel, columns, start, count)`` of the part of each RandLoRA matrix (LoRA factor for LoRA-Pro) this
+    rank owns, read from DeepSpeed's own fragment addresses (``_hp_mapping`` for ZeRO 1/2, the ZeRO-3 partition
+    otherwise)."""
     optimizer = engine.basic_optimizer
     names = {id(p): n for n, p in engine.module.named_parameters()}
     found = []
     for group in optimizer._all_groups:
-        if group["rank"] is None:
+        if group.get("rank", group.get("lora_scale")) is None:
             continue
         for p in optimizer._params_of(group):
             shape = tuple(getattr(p, "ds_shape", p.shape))
@@ -162,8 +207,11 @@ def reference(case, batches):
     make, targets = MODELS[case["model"]]
     model = make(0)
     options = {k: v for k, v in OPTIONS.items() if k != "rank"}
-    optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=OPTIONS["rank"]),
-                                      rank=OPTIONS["rank"], **options)
+    if case.get("optimizer") == "lorapro":
+        optimizer = randopt.LoRAProAdamW(model, mode=case["mode"], **LORAPRO_OPTIONS)
+    else:
+        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=OPTIONS["rank"]),
+                                          rank=OPTIONS["rank"], **options)
     losses, norms = [], []
     for batch in batches:
         loss = model(input_ids=batch, labels=batch).loss
@@ -174,7 +222,7 @@ def reference(case, batches):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, norms
+    return losses, tracked_weights(model), norms
 
 
 def run_case(case, batches, out_dir):
@@ -196,6 +244,15 @@ def run_case(case, batches, out_dir):
     result["communicated"] = dict(optimizer.communicated)
     result["coefficient_bytes"] = sum(s[k].numel() * s[k].element_size() for s in optimizer.state.values()
                                       for k in ("lambda", "gamma") if k in s)
+    if case.get("optimizer") == "lorapro":
+        pairs = [g for g in optimizer._all_groups if g["lora_scale"] is not None]
+        result["factor_bytes"] = sum(4 * math.prod(getattr(p, "ds_shape", p.shape))
+                                     for g in pairs for p in optimizer._params_of(g))
+        mine = sorted(g["name"] for g in pairs if "w_exp_avg" in optimizer.state.get(optimizer._params_of(g)[0], {}))
+        result["full_moments_of"] = [None] * dist.get_world_size()
+        dist.all_gather_object(result["full_moments_of"], mine)
+        result["pair_names"] = sorted(g["name"] for g in pairs)
+        result["skipped"] = optimizer.nonfinite_skips
     result["step_calls"] = len(calls)
     result["low_precision_matches_master"] = low_precision_matches_master(engine)
     engine.destroy()
