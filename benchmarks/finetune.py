@@ -53,24 +53,39 @@ def is_target_weight(name: str) -> bool:
     return name.endswith(".weight") and name.rsplit(".", 2)[-2] in TARGETS
 
 
-# ----- methods: each builds (model, optimizer, trainable parameter count) -------------------------------
-def full_ft(num_labels, lr):
-    model = load_model(num_labels)
+def learned_parameters(optimizer: torch.optim.Optimizer) -> int:
+    """Values the optimizer learns: its parameters' sizes, except that a matrix RandLoRAAdamW trains through
+    RandLoRA coefficients counts as those coefficients (lambda, gamma). Call after a step (state exists)."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            total += state["lambda"].numel() + state["gamma"].numel() if "lambda" in state else p.numel()
+    return total
+
+
+# ----- methods: each builds (model, optimizer) from ``make_base``, a function returning a fresh base model ----
+def full_ft(make_base, lr):
+    model = make_base()
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
 
-def peft_lora(num_labels, lr, rank=8):
+def lora_model(make_base, rank=8):
     import peft
 
     config = peft.LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
-    model = peft.get_peft_model(load_model(num_labels), config)
+    return peft.get_peft_model(make_base(), config)
+
+
+def peft_lora(make_base, lr, rank=8):
+    model = lora_model(make_base, rank)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-def randlora_adamw(num_labels, lr, rank=32, **options):
+def randlora_adamw(make_base, lr, rank=32, **options):
     import randopt
 
-    model = freeze_all_but(load_model(num_labels), lambda n: is_head(n) or is_target_weight(n))
+    model = freeze_all_but(make_base(), lambda n: is_head(n) or is_target_weight(n))
     groups = randopt.param_groups(model, TARGETS, rank=rank)
     return model, randopt.RandLoRAAdamW(groups, lr=lr, **options)
 
@@ -117,27 +132,50 @@ def accuracy(model, tokenizer, examples, batch_size: int = 256) -> float:
     return correct / len(examples)
 
 
-def run(name: str, method: Method, task: Task, tokenizer, steps: int, batch_size: int, seed: int,
-        position: int = 0) -> dict:
-    torch.manual_seed(seed)
-    model, optimizer = method.build(len(task.labels), method.lr, **method.kwargs)
+def train(model, optimizer, task: Task, tokenizer, steps: int, batch_size: int, seed: int, desc: str = "",
+          position: int = 0, progress: bool = True) -> dict:
+    """``steps`` optimizer steps on the seed's data order; per-step losses, wall and CPU seconds."""
     model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    losses, step_times = [], []
-    progress = tqdm(batches(task, tokenizer, batch_size, steps, seed), total=steps, desc=f"{name} (seed {seed})",
-                    position=position, leave=True, dynamic_ncols=True)
-    for inputs in progress:
-        start = time.perf_counter()
+    losses, step_times, cpu_times = [], [], []
+    bar = tqdm(batches(task, tokenizer, batch_size, steps, seed), total=steps, desc=desc, position=position,
+               leave=True, dynamic_ncols=True, disable=not progress)
+    for inputs in bar:
+        start, cpu = time.perf_counter(), time.process_time()
         loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         step_times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
         losses.append(loss.item())
-        progress.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
-    return {"method": name, "seed": seed, "accuracy": accuracy(model, tokenizer, task.test), "losses": losses,
-            "train_seconds": sum(step_times), "step_ms": 1000 * statistics.median(step_times),
-            "state_bytes": optimizer_state_bytes(optimizer), "trainable": trainable, "note": method.note}
+        bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
+    return {"losses": losses, "step_times": step_times, "cpu_times": cpu_times}
+
+
+def run(name: str, method: Method, task: Task, tokenizer, steps: int, batch_size: int, seed: int,
+        position: int = 0, make_base: Callable | None = None, progress: bool = True, keep_model: bool = False) -> dict:
+    """Build ``method`` on a fresh base model (MiniLM unless ``make_base`` is given), train and evaluate it.
+    With ``keep_model`` the trained model is in ``result["model"]``."""
+    if make_base is None:
+        def make_base():
+            return load_model(len(task.labels))
+    torch.manual_seed(seed)
+    model, optimizer = method.build(make_base, method.lr, **method.kwargs)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log = train(model, optimizer, task, tokenizer, steps, batch_size, seed, f"{name} (seed {seed})", position,
+                progress)
+    result = {"method": name, "seed": seed, "accuracy": accuracy(model, tokenizer, task.test),
+              "losses": log["losses"], "train_seconds": sum(log["step_times"]),
+              "step_ms": 1000 * statistics.median(log["step_times"]),
+              "step_cpu_ms": 1000 * statistics.median(log["cpu_times"]),
+              "state_bytes": optimizer_state_bytes(optimizer), "trainable": trainable,
+              "learned": learned_parameters(optimizer), "note": method.note, "lr": method.lr}
+    if keep_model:
+        result["model"] = model
+    return result
+
+
+OPTIONAL_MEANS = ("step_cpu_ms", "peak_mb")
 
 
 def summarise(results: list[dict]) -> list[dict]:
@@ -151,6 +189,11 @@ def summarise(results: list[dict]) -> list[dict]:
                      "step_ms": statistics.fmean(r["step_ms"] for r in runs),
                      "state_mb": runs[0]["state_bytes"] / 2**20, "trainable": runs[0]["trainable"],
                      "note": runs[0]["note"]})
+        for key in OPTIONAL_MEANS:  # measured by some callers only (the suite)
+            values = [r[key] for r in runs if r.get(key) is not None]
+            rows[-1][key] = statistics.fmean(values) if values else None
+        for key in ("learned", "lr"):
+            rows[-1][key] = runs[0].get(key)
     return rows
 
 
