@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..optim.state import ABSMAX, CODES, MIN_8BIT_SIZE, init_moment, read_moment, write_moment
+from ..optim.partitioned import PartitionAwareOptimizer
 from .adapters import CONFIG_NAME, LayerReport, _config_for, _plain_number, pattern_value
 from .functional import (_is_int, check_alpha_policy, check_target, check_target_rank, energy_kept, lora_scale,
                          project_moments, squeeze_for_training)
@@ -362,8 +363,11 @@ def _set_pair(pair: LoraPair, A: torch.Tensor, B: torch.Tensor, alpha: float, sc
 def _swap_in_optimizer(optimizer, swapped: dict, states: dict) -> None:
     """Replace old parameters by new ones in the param groups (same positions), the state (``states`` holds the
     rebuilt entries, keyed by the old parameters) and LoRAProAdamW's base-weight handles."""
-    for group in optimizer.param_groups:
-        group["params"] = [swapped.get(p, p) for p in group["params"]]
+    if isinstance(optimizer, PartitionAwareOptimizer):  # it also remembers the parameters each group was given
+        optimizer.replace_parameters(swapped)
+    else:
+        for group in optimizer.param_groups:
+            group["params"] = [swapped.get(p, p) for p in group["params"]]
     for old, new in swapped.items():
         state = optimizer.state.pop(old, None)
         state = states.get(old, state)  # rebuilt at the new shape, or carried as is (LoRA-Pro full mode)

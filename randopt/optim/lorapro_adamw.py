@@ -42,7 +42,8 @@ from torch import nn
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
 from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
-from .locators import RealStep, locator_for, logical_shape
+from .locators import logical_shape
+from .partitioned import PartitionAwareOptimizer
 from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
                     write_moment)
 
@@ -203,7 +204,7 @@ def _new_step() -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32)
 
 
-class LoRAProAdamW(torch.optim.Optimizer):
+class LoRAProAdamW(PartitionAwareOptimizer):
     """AdamW with LoRA-Pro's gradient adjustment on every LoRA pair; plain AdamW elsewhere.
 
     ``params``: a PEFT-style LoRA model (pairs found with ``find_lora_pairs``), or parameter groups,
@@ -224,15 +225,6 @@ class LoRAProAdamW(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             params = model_groups(params)
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
-        # DeepSpeed replaces group["params"] by flat partitions and steps groups one at a time: remember each
-        # group's original parameters (by the group dict's identity) and all groups
-        self._originals: dict[int, list[torch.Tensor]] = {}
-        self._all_groups: list[dict] = []
-        self._locator = None
-        self._real_step = RealStep()
-        self._pending: dict[int, tuple] = {}
-        self.communicated = {"all_reduces": 0, "bytes": 0}
-        """Collective calls this optimizer made and the bytes it reduced (per process), over its lifetime."""
         super().__init__(params, defaults)
         if not any(g["lora_scale"] is not None for g in self.param_groups):
             raise ValueError("params: no LoRA pair given; pass a LoRA model or lorapro_groups(pairs=...)")
@@ -261,15 +253,9 @@ class LoRAProAdamW(torch.optim.Optimizer):
             _check_pair(merged["name"] or "pair", *params, merged["lora_scale"], base_weight)
             group["params"] = params
         super().add_param_group(group)
-        added = self.param_groups[-1]
-        self._originals[id(added)] = list(added["params"])
-        self._all_groups.append(added)
+        self._remember_group(self.param_groups[-1])
         if merged["lora_scale"] is not None:
             self._base_weights[group["params"][0]] = base_weight
-
-    def _params_of(self, group: dict) -> list[torch.Tensor]:
-        """The parameters a group was given (DeepSpeed may have replaced ``group["params"]``)."""
-        return self._originals.get(id(group), group["params"])
 
     def _check_state(self, group: dict) -> None:
         if group["lora_scale"] is None:
@@ -290,9 +276,9 @@ class LoRAProAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_options(group)
             self._check_state(group)
-        self._locator = locator_for(self.param_groups, self._params_of, self._locator)
-        if self._locator.distributed:
-            self._sharded_step(self._locator)
+        locator = self._update_locator()
+        if locator.distributed:
+            self._sharded_call(locator, lambda group, p: self._visit(locator, group, p))
             return loss
         for group in self.param_groups:
             if group["lora_scale"] is None:
@@ -396,34 +382,21 @@ class LoRAProAdamW(torch.optim.Optimizer):
         B_w.add_(gB, alpha=-lr)
 
     # ----- DeepSpeed ZeRO 1/2/3 -----------------------------------------------------------------------
-    def _sharded_step(self, locator) -> None:
-        """One of DeepSpeed's per-group (ZeRO 1/2) or per-sub-group (ZeRO-3) calls.
+    def _visit(self, locator, group: dict, p: torch.Tensor) -> None:
+        """A parameter carried by one of DeepSpeed's per-group (ZeRO 1/2) or per-sub-group (ZeRO-3) calls.
 
         Plain parameters are stepped at once on the fragment this rank owns. LoRA factors' fragments (fp32
         master weight views and a copy of their gradient, which DeepSpeed frees after the call) wait for the
         last call of the real step, which assembles every pair, runs the math and writes back the owned
         fragments, re-syncing the low-precision copies DeepSpeed made after earlier calls.
         """
-        self._real_step.start_call()
-        for group, params in locator.carried(self.param_groups, self._params_of):
-            for p in params:
-                if not p.requires_grad:
-                    continue
-                self._real_step.carry(p)
-                span = locator.span(p)
-                if group["lora_scale"] is None:
-                    if span is not None and span.grad is not None:
-                        self._step_span(p, group, span)
-                else:
-                    grad = None if span is None or span.grad is None else span.grad.clone()
-                    self._pending[id(p)] = (span, grad)
-        expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
-        if self._real_step.complete(expected):
-            try:
-                self._finish_real_step(locator)
-            finally:
-                self._pending.clear()
-                self._real_step.reset()
+        span = locator.span(p)
+        if group["lora_scale"] is None:
+            if span is not None and span.grad is not None:
+                self._step_span(p, group, span)
+        else:
+            grad = None if span is None or span.grad is None else span.grad.clone()
+            self._pending[id(p)] = (span, grad)
 
     def _step_span(self, p, group, span) -> None:
         """Plain AdamW on the fragment of a plain parameter this rank owns (moments sized like the fragment)."""
@@ -432,26 +405,9 @@ class LoRAProAdamW(torch.optim.Optimizer):
             state["step"] = _new_step()
             for name in _MOMENTS:
                 self._init_moment(state, name, span.weight)
-        self._check_span(p, state, span)
+        self._check_span(logical_shape(p), state, span)
         state["step"] += 1
         _adamw_(span.weight, span.grad, state, int(state["step"]), group)
-
-    @staticmethod
-    def _check_span(p, state, span) -> None:
-        where = torch.tensor([span.start, span.numel], dtype=torch.int64)
-        if "span" not in state:
-            state["span"] = where
-        elif not torch.equal(state["span"], where):
-            raise RuntimeError(f"this rank's optimizer state for a parameter of shape {tuple(logical_shape(p))} "
-                               f"covers elements {state['span'].tolist()} (start, count), but the rank now owns "
-                               f"{where.tolist()}: the state was saved with a different partitioning")
-
-    def _all_reduce_(self, flat: torch.Tensor, process_group) -> None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group=process_group) == 1:
-            return
-        dist.all_reduce(flat, group=process_group)
-        self.communicated["all_reduces"] += 1
-        self.communicated["bytes"] += flat.numel() * flat.element_size()
 
     def _pairs_process_group(self, locator, pairs):
         groups = {id(locator.process_group(p)): locator.process_group(p) for g in pairs for p in self._params_of(g)}
@@ -562,7 +518,7 @@ class LoRAProAdamW(torch.optim.Optimizer):
         if _MOMENTS[0] not in state and _MOMENTS[0] + CODES not in state:
             for name in _MOMENTS:
                 self._init_moment(state, name, span.weight)
-        self._check_span(p, state, span)
+        self._check_span(logical_shape(p), state, span)
         _adamw_(span.weight, grad.reshape(-1).narrow(0, span.start, span.numel), state, step, group)
 
     @property
@@ -577,53 +533,10 @@ class LoRAProAdamW(torch.optim.Optimizer):
         """All pair steps skipped for non-finite gradients (the name ``RandLoRAAdamW`` uses)."""
         return sum(self.skipped_steps.values())
 
-    def _replaced(self) -> bool:
-        """Whether DeepSpeed replaced some group's parameters by flat partitions."""
-        return any(len(g["params"]) != len(self._params_of(g))
-                   or any(a is not b for a, b in zip(g["params"], self._params_of(g))) for g in self.param_groups)
-
     def state_dict(self) -> dict:
-        """As ``torch.optim.Optimizer.state_dict``; under DeepSpeed keyed by the ORIGINAL parameters' positions
+        """As ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions also under DeepSpeed
         (each rank saves its own: fragment moments, and full mode's moments of the pairs it is assigned)."""
-        if not self._replaced():
-            return super().state_dict()
-        index: dict[int, int] = {}
-        groups, state = [], {}
-        for group in self.param_groups:
-            ids = []
-            for p in self._params_of(group):
-                position = index.setdefault(id(p), len(index))
-                ids.append(position)
-                if self.state.get(p):
-                    state[position] = dict(self.state[p])
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        return {"state": state, "param_groups": groups}
-
-    def _load_by_originals(self, state_dict: dict) -> None:
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        pairs = []
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            params = self._params_of(group)
-            if len(saved_group["params"]) != len(params):
-                raise ValueError(f"state_dict: group {group['name']} has {len(saved_group['params'])} parameters "
-                                 f"there, {len(params)} here")
-            pairs.extend(zip(saved_group["params"], params))
-        for saved_group, group in zip(saved_groups, self.param_groups):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
-            group["betas"] = tuple(group["betas"])
-        state = defaultdict(dict)
-        for saved_id, param in pairs:
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if isinstance(value, torch.Tensor):
-                    device = value.device if key in _COUNTERS or key == "span" else param.device
-                    value = value.to(device=device, copy=True)
-                state[param][key] = value
-        self.state = state
-        self._pending.clear()
-        self._real_step.reset()
+        return self._state_dict_by_originals()
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["param_groups"]
@@ -634,26 +547,19 @@ class LoRAProAdamW(torch.optim.Optimizer):
                 if here != there:
                     raise ValueError(f"state_dict: parameter group {i} ({saved_group.get('name')}) is {kind[there]} "
                                      f"there but {kind[here]} here ({group['name']})")
-        if self._replaced():
-            self._load_by_originals(state_dict)
-            return
-        super().load_state_dict(state_dict)
-        # torch casts every state tensor but "step" to its parameter's dtype; a moment's storage format
-        # (fp32, bf16, 8-bit) and the CPU counters are its own, so put the saved tensors back as they are
-        saved_ids = [i for g in saved for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, param in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
+        matched = self._saved_positions(state_dict)
+        self._load_group_options(state_dict)
+        # a moment's storage format (fp32, bf16, 8-bit) and the CPU counters are its own: no dtype cast
+        state = defaultdict(dict)
+        for position, _, param in matched:
+            for key, value in state_dict["state"].get(position, {}).items():
                 if isinstance(value, torch.Tensor):
-                    device = value.device if key in _COUNTERS else param.device
-                    self.state[param][key] = value.to(device=device, copy=True)
+                    device = value.device if key in _COUNTERS or key == "span" else param.device
+                    value = value.to(device=device, copy=True)
+                state[param][key] = value
+        self.state = state
+        self._forget_pending()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_base_weights", {})
-        self.__dict__.setdefault("_originals", {id(g): list(g["params"]) for g in self.param_groups})
-        self.__dict__.setdefault("_all_groups", list(self.param_groups))
-        self.__dict__.setdefault("_locator", None)
-        self.__dict__.setdefault("_real_step", RealStep())
-        self.__dict__.setdefault("_pending", {})
-        self.__dict__.setdefault("communicated", {"all_reduces": 0, "bytes": 0})

@@ -36,12 +36,12 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from torch.optim import Optimizer
 
 from ..randlora.bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
 from .functional import adamw_step_, check_hyperparameters
-from .locators import Block, RealStep, WholeTensors, locator_for, logical_shape
+from .locators import Block, WholeTensors, logical_shape
+from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
 from .state import (MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
                     write_moment)
@@ -80,7 +80,7 @@ def oriented(blocks: list[Block], fan_in_fan_out: bool) -> list[tuple]:
     return result
 
 
-class RandLoRAAdamW(Optimizer):
+class RandLoRAAdamW(PartitionAwareOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, rank: int | None = None, alpha: float | None = None,
                  seed: int = 0, basis_kind: str = "dense", fan_in_fan_out: bool = False,
@@ -107,23 +107,10 @@ class RandLoRAAdamW(Optimizer):
         self._accumulated: dict[torch.Tensor, list[torch.Tensor]] = {}
         self._hooks = []
         self._generators: dict[str, torch.Generator] = {}
-        # DeepSpeed replaces group["params"] by flat partitions and steps groups one at a time: remember each
-        # group's original parameters (by the group dict's identity), their shapes, and all groups.
-        self._originals: dict[int, list[torch.Tensor]] = {}
-        self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}
-        self._all_groups: list[dict] = []
-        self._locator = None
-        self._real_step = RealStep()
-        self._pending: dict[torch.Tensor, tuple] = {}
-        self.communicated = {"all_reduces": 0, "bytes": 0}
-        """Collective calls this optimizer made and the bytes it reduced (per process), over its lifetime."""
+        self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}  # logical shapes (DeepSpeed empties .data)
         super().__init__(params, defaults)
 
     # ----- groups and bases -------------------------------------------------------------------------
-    def _params_of(self, group: dict) -> list[torch.Tensor]:
-        """The parameters a group was given (DeepSpeed may have replaced ``group["params"]``)."""
-        return self._originals.get(id(group), group["params"])
-
     def _shape(self, p: torch.Tensor) -> tuple[int, ...]:
         shape = self._shapes.get(p)
         return shape if shape is not None else logical_shape(p)
@@ -195,8 +182,7 @@ class RandLoRAAdamW(Optimizer):
         super().add_param_group(group)
         self._bases = new_bases
         self._bases_on.clear()
-        self._originals[id(group)] = list(params)
-        self._all_groups.append(group)
+        self._remember_group(self.param_groups[-1])
         for p in params:
             self._shapes[p] = logical_shape(p)
             self._group_of[p] = group
@@ -352,9 +338,12 @@ class RandLoRAAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._locator = locator_for(self.param_groups, self._params_of, self._locator)
-        if self._locator.distributed:
-            self._sharded_step(self._locator)
+        locator = self._update_locator()
+        if locator.distributed:
+            if self.fused_backward:
+                raise RuntimeError("fused_backward=True cannot be used under DeepSpeed ZeRO, which owns the "
+                                   "gradients: create RandLoRAAdamW with fused_backward=False")
+            self._sharded_call(locator, lambda group, p: self._visit(locator, group, p))
         else:
             self._whole_step()
         return loss
@@ -404,13 +393,10 @@ class RandLoRAAdamW(Optimizer):
         grads = [g for gs in grad_lists for g in gs]
         if not grads or not (dist.is_available() and dist.is_initialized()):
             return
-        world = dist.get_world_size(group=process_group)
-        if world == 1:
+        if dist.get_world_size(group=process_group) == 1:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=process_group)
-        self.communicated["all_reduces"] += 1
-        self.communicated["bytes"] += flat.numel() * flat.element_size()
+        world = self._all_reduce_(flat, process_group)
         if average:
             flat /= world
         offset = 0
@@ -418,38 +404,22 @@ class RandLoRAAdamW(Optimizer):
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def _sharded_step(self, locator) -> None:
-        """One of DeepSpeed's per-group (ZeRO 1/2) or per-sub-group (ZeRO-3) calls.
+    def _visit(self, locator, group: dict, p: torch.Tensor) -> None:
+        """A parameter carried by one of DeepSpeed's per-group (ZeRO 1/2) or per-sub-group (ZeRO-3) calls.
 
         Plain parameters are stepped on the part this rank owns, at once. Matrices are projected from the
         blocks this rank owns and kept pending; the last call of the real step sums all pending coefficient
         gradients over the data-parallel group in one all-reduce, steps the coefficients and writes every
         owned block, re-syncing the low-precision copies DeepSpeed made after the earlier calls.
         """
-        if self.fused_backward:
-            raise RuntimeError("fused_backward=True cannot be used under DeepSpeed ZeRO, which owns the gradients: "
-                               "create RandLoRAAdamW with fused_backward=False")
-        self._real_step.start_call()
-        for group, params in locator.carried(self.param_groups, self._params_of):
-            for p in params:
-                if not p.requires_grad:  # DeepSpeed does not train it; plain training would skip it (no grad)
-                    continue
-                self._real_step.carry(p)
-                if self._is_matrix(p, group):
-                    blocks = oriented(locator.blocks(p), group["fan_in_fan_out"])
-                    grads = self._project_blocks(p, group, blocks)
-                    self._pending[p] = (group, grads, [(None,) + block[1:] for block in blocks])
-                else:
-                    span = locator.span(p)
-                    if span is not None and span.grad is not None:
-                        self._step_span(p, group, span)
-        expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
-        if self._real_step.complete(expected):
-            try:
-                self._finish_real_step(locator)
-            finally:
-                self._pending.clear()
-                self._real_step.reset()
+        if self._is_matrix(p, group):
+            blocks = oriented(locator.blocks(p), group["fan_in_fan_out"])
+            grads = self._project_blocks(p, group, blocks)
+            self._pending[p] = (group, grads, [(None,) + block[1:] for block in blocks])
+        else:
+            span = locator.span(p)
+            if span is not None and span.grad is not None:
+                self._step_span(p, group, span)
 
     def _finish_real_step(self, locator) -> None:
         order = [p for g in self._all_groups for p in self._params_of(g) if p in self._pending]
@@ -474,13 +444,7 @@ class RandLoRAAdamW(Optimizer):
     def _step_span(self, p: torch.Tensor, group: dict, span) -> None:
         """Plain AdamW on the part of a plain parameter this rank owns (moments sized like that part)."""
         state = self._init_state(p, group, like=span.weight)
-        where = torch.tensor([span.start, span.numel], dtype=torch.int64)
-        if "span" not in state:
-            state["span"] = where
-        elif not torch.equal(state["span"], where):
-            raise RuntimeError(f"this rank's optimizer state for a parameter of shape {self._shape(p)} covers elements "
-                               f"{state['span'].tolist()} (start, count), but the rank now owns {where.tolist()}: "
-                               "the state was saved with a different partitioning")
+        self._check_span(self._shape(p), state, span)
         grad = span.grad.to(coefficient_dtype(p))
         if not bool(grad.isfinite().all()):
             state["nonfinite_skips"] += 1
@@ -525,55 +489,32 @@ class RandLoRAAdamW(Optimizer):
     def state_dict(self) -> dict:
         """Like ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions in the groups
         (also while DeepSpeed holds flat partitions in ``group["params"]``); every state entry is a tensor."""
-        index: dict[int, int] = {}
-        groups, state = [], {}
-        for group in self.param_groups:
-            ids = []
-            for p in self._params_of(group):
-                position = index.setdefault(id(p), len(index))
-                ids.append(position)
-                saved = self.state.get(p)
-                if saved:
-                    state[position] = dict(saved)
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        return {"state": state, "param_groups": groups,
+        return {**self._state_dict_by_originals(),
                 "rounding_generators": {k: g.get_state() for k, g in self._generators.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Checks everything (group layout, bases fingerprints, coefficient shapes) before changing anything;
         group hyper-parameters come from the state dict, as in torch; state tensors keep their own dtypes."""
-        saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        groups = self.param_groups
-        if len(saved_groups) != len(groups):
-            raise ValueError(f"state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}")
-        pairs = []
-        for saved_group, group in zip(saved_groups, groups):
-            params = self._params_of(group)
-            if len(saved_group["params"]) != len(params):
-                raise ValueError(f"a parameter group of the state dict has {len(saved_group['params'])} parameters, "
-                                 f"this optimizer's has {len(params)}")
-            for index, p in zip(saved_group["params"], params):
-                saved = saved_state.get(index, {})
-                if "bases_fingerprint" in saved:
-                    self._bases[self._bases_key(group)].check_fingerprint(saved["bases_fingerprint"],
-                                                                          "optimizer state dict")
-                    expected = init_coefficients(*self._matrix_shape(p, group), group["rank"])[0].shape
-                    if saved["lambda"].shape != expected:
-                        raise ValueError(f"state dict holds lambda of shape {tuple(saved['lambda'].shape)} for a "
-                                         f"parameter of shape {self._shape(p)}; expected {tuple(expected)}")
-                pairs.append((p, saved))
-        for saved_group, group in zip(saved_groups, groups):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
-            group["betas"] = tuple(group["betas"])
+        matched = self._saved_positions(state_dict)
+        for position, group, p in matched:
+            saved = saved_state.get(position, {})
+            if "bases_fingerprint" in saved:
+                self._bases[self._bases_key(group)].check_fingerprint(saved["bases_fingerprint"],
+                                                                      "optimizer state dict")
+                expected = init_coefficients(*self._matrix_shape(p, group), group["rank"])[0].shape
+                if saved["lambda"].shape != expected:
+                    raise ValueError(f"state dict holds lambda of shape {tuple(saved['lambda'].shape)} for a "
+                                     f"parameter of shape {self._shape(p)}; expected {tuple(expected)}")
+        self._load_group_options(state_dict)
         state = defaultdict(dict)
-        for p, saved in pairs:
+        for position, _, p in matched:
+            saved = saved_state.get(position)
             if saved:
                 state[p] = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
                             for k, v in saved.items()}
         self.state = state
         self._accumulated.clear()
-        self._pending.clear()
-        self._real_step.reset()
+        self._forget_pending()
         for key, generator_state in state_dict.get("rounding_generators", {}).items():
             self._generator(torch.device(key)).set_state(generator_state)

@@ -1,0 +1,147 @@
+"""What randopt's optimizers share to run under DeepSpeed ZeRO (and plain data parallel): the bookkeeping, not
+the math.
+
+DeepSpeed replaces ``group["params"]`` by flat fp32 partitions and calls ``step()`` once per group (ZeRO 1/2)
+or sub-group (ZeRO-3). ``PartitionAwareOptimizer`` remembers the parameters each group was given, tells the
+calls of one real step apart (``RealStep``), runs a subclass's per-parameter visit on each call and its
+``_finish_real_step`` once every parameter was carried, counts its own collective traffic, and keys its state
+dict by the original parameters' positions so that checkpoints look the same with or without DeepSpeed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from .locators import RealStep, Span, locator_for
+
+
+class PartitionAwareOptimizer(Optimizer):
+    def __init__(self, params, defaults: dict):
+        self._originals: dict[int, list[torch.Tensor]] = {}  # id(group dict) -> the parameters it was given
+        self._all_groups: list[dict] = []
+        self._locator = None
+        self._real_step = RealStep()
+        self._pending: dict = {}
+        """What the calls of the current real step leave for its last call (the subclass's format)."""
+        self.communicated = {"all_reduces": 0, "bytes": 0}
+        """Collective calls this optimizer made and the bytes it reduced (per process), over its lifetime."""
+        super().__init__(params, defaults)
+
+    def _remember_group(self, group: dict) -> None:
+        """Call from ``add_param_group`` with the group dict as stored in ``self.param_groups``."""
+        self._originals[id(group)] = list(group["params"])
+        self._all_groups.append(group)
+
+    def _params_of(self, group: dict) -> list[torch.Tensor]:
+        """The parameters a group was given (DeepSpeed may have replaced ``group["params"]``)."""
+        return self._originals.get(id(group), group["params"])
+
+    def replace_parameters(self, replaced: dict) -> None:
+        """Put new parameter objects where old ones were, at the same positions in their groups (In-Squeeze's
+        rank change); moving their state is the caller's business."""
+        for group in self.param_groups:
+            group["params"] = [replaced.get(p, p) for p in group["params"]]
+            if id(group) in self._originals:
+                self._originals[id(group)] = [replaced.get(p, p) for p in self._originals[id(group)]]
+
+    def _update_locator(self):
+        self._locator = locator_for(self.param_groups, self._params_of, self._locator)
+        return self._locator
+
+    # ----- one of DeepSpeed's per-group calls ---------------------------------------------------------------
+    def _sharded_call(self, locator, visit: Callable[[dict, torch.Tensor], None]) -> None:
+        """``visit(group, p)`` for every trainable parameter this call carries; after the call that completes the
+        real step, ``self._finish_real_step(locator)``, and the pending work is cleared whatever happens."""
+        self._real_step.start_call()
+        for group, params in locator.carried(self.param_groups, self._params_of):
+            for p in params:
+                if not p.requires_grad:  # DeepSpeed does not train it; plain training would skip it (no grad)
+                    continue
+                self._real_step.carry(p)
+                visit(group, p)
+        expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
+        if self._real_step.complete(expected):
+            try:
+                self._finish_real_step(locator)
+            finally:
+                self._pending.clear()
+                self._real_step.reset()
+
+    def _finish_real_step(self, locator) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_span(shape, state: dict, span: Span) -> None:
+        """Record which elements of a parameter this rank's state covers; refuse state from another partitioning."""
+        where = torch.tensor([span.start, span.numel], dtype=torch.int64)
+        if "span" not in state:
+            state["span"] = where
+        elif not torch.equal(state["span"], where):
+            raise RuntimeError(f"this rank's optimizer state for a parameter of shape {tuple(shape)} covers elements "
+                               f"{state['span'].tolist()} (start, count), but the rank now owns {where.tolist()}: "
+                               "the state was saved with a different partitioning")
+
+    def _all_reduce_(self, flat: torch.Tensor, process_group) -> int:
+        """Sum ``flat`` over ``process_group`` in place; returns the world size (1: nothing to do, not counted)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        world = dist.get_world_size(group=process_group)
+        if world > 1:
+            dist.all_reduce(flat, group=process_group)
+            self.communicated["all_reduces"] += 1
+            self.communicated["bytes"] += flat.numel() * flat.element_size()
+        return world
+
+    # ----- checkpoints ------------------------------------------------------------------------------------
+    def _state_dict_by_originals(self) -> dict:
+        """``torch.optim.Optimizer.state_dict``'s layout, keyed by the ORIGINAL parameters' positions in the groups
+        (also while DeepSpeed holds flat partitions in ``group["params"]``)."""
+        index: dict[int, int] = {}
+        groups, state = [], {}
+        for group in self.param_groups:
+            ids = []
+            for p in self._params_of(group):
+                position = index.setdefault(id(p), len(index))
+                ids.append(position)
+                if self.state.get(p):
+                    state[position] = dict(self.state[p])
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def _saved_positions(self, state_dict: dict) -> list[tuple[int, dict, torch.Tensor]]:
+        """``(saved position, its group here, parameter here)`` for every parameter, after checking that the
+        state dict's groups match this optimizer's in number and size (nothing is changed)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        matched = []
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            params = self._params_of(group)
+            if len(saved_group["params"]) != len(params):
+                raise ValueError(f"a parameter group of the state dict has {len(saved_group['params'])} parameters, "
+                                 f"this optimizer's has {len(params)}")
+            matched.extend((position, group, p) for position, p in zip(saved_group["params"], params))
+        return matched
+
+    def _load_group_options(self, state_dict: dict) -> None:
+        """Group hyper-parameters come from the state dict, as in torch."""
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+            group["betas"] = tuple(group["betas"])
+
+    def _forget_pending(self) -> None:
+        self._pending.clear()
+        self._real_step.reset()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_originals", {id(g): list(g["params"]) for g in self.param_groups})
+        self.__dict__.setdefault("_all_groups", list(self.param_groups))
+        self.__dict__.setdefault("_locator", None)
+        self.__dict__.setdefault("_real_step", RealStep())
+        self.__dict__.setdefault("_pending", {})
+        self.__dict__.setdefault("communicated", {"all_reduces": 0, "bytes": 0})
