@@ -33,6 +33,48 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def step_benchmark_args(description: str, argv, quick_repeats: int, repeats: int) -> argparse.Namespace:
+    """Arguments of the step-time benchmarks (``--quick``, ``--repeats``, ``--threads``), applied: threads set,
+    library warnings silenced; ``args.repeats`` is filled in."""
+    import logging
+    import warnings
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=None)
+    add_thread_args(parser)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    args.repeats = args.repeats or (quick_repeats if args.quick else repeats)
+    return args
+
+
+def state_bytes(optimizer) -> int:
+    """Bytes of every tensor in ``optimizer.state``."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def training_steps(runs: Mapping[str, tuple[nn.Module, torch.optim.Optimizer]], input_ids: torch.Tensor):
+    """``(steps, optimizer_cpu)``: per run a language-model training step (zero_grad, forward, backward,
+    optimizer.step) for ``time_round_robin``, and the list each step appends its ``optimizer.step`` CPU seconds to."""
+    steps, optimizer_cpu = {}, {}
+    for name, (model, optimizer) in runs.items():
+        optimizer_cpu[name] = []
+
+        def step(model=model, optimizer=optimizer, record=optimizer_cpu[name]):
+            optimizer.zero_grad(set_to_none=True)
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            start = time.process_time()
+            optimizer.step()
+            record.append(time.process_time() - start)
+
+        steps[name] = step
+    return steps, optimizer_cpu
+
+
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
     s = t.untyped_storage()
     return str(t.device), s.data_ptr()
@@ -163,10 +205,17 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_result(name: str, text: str) -> Path:
+def write_result(name: str, text: str, show: bool = True) -> Path:
+    """Write ``benchmarks/results/<name>`` atomically (a crash leaves the old file whole) and, with ``show``,
+    print the text and where it went."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / name
-    path.write_text(text)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+    if show:
+        print(text)
+        print(f"wrote {path}")
     return path
 
 

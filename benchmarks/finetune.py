@@ -82,6 +82,13 @@ def peft_lora(make_base, lr, rank=8):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
+def lorapro(make_base, lr, rank=8, mode="full", **options):
+    import randopt
+
+    model = lora_model(make_base, rank)
+    return model, randopt.LoRAProAdamW(model, lr=lr, mode=mode, **options)
+
+
 def randlora_adamw(make_base, lr, rank=32, **options):
     import randopt
 
@@ -98,10 +105,15 @@ class Method:
     kwargs: dict = field(default_factory=dict)
 
 
+LEARNING_RATES = {"full FT": 5e-5, "LoRA": 1e-3, "RandLoRA": 2e-4, "LoRA-Pro full": 5e-5, "LoRA-Pro efficient": 3e-4}
+"""The best of each method family's grid in the benchmark suite's sweep (``python -m benchmarks.suite --sweep``,
+validation split; ``results/suite_sweep.md``); the main job and the suite both use them."""
 METHODS: dict[str, Method] = {
-    "full FT (torch AdamW)": Method(full_ft, 5e-5, "all 22.7M parameters"),
-    "PEFT LoRA r8 (torch AdamW)": Method(peft_lora, 1e-3, "q,k,v,dense + head"),
-    "RandLoRAAdamW r32": Method(randlora_adamw, 5e-4, "q,k,v,dense + head; plain model"),
+    "full FT (torch AdamW)": Method(full_ft, LEARNING_RATES["full FT"], "all 22.7M parameters"),
+    "PEFT LoRA r8 (torch AdamW)": Method(peft_lora, LEARNING_RATES["LoRA"], "q,k,v,dense + head"),
+    "RandLoRAAdamW r32": Method(randlora_adamw, LEARNING_RATES["RandLoRA"], "q,k,v,dense + head; plain model"),
+    "LoRAProAdamW full r8": Method(lorapro, LEARNING_RATES["LoRA-Pro full"], "PEFT LoRA r8 model (q,k,v,dense + head)",
+                                   {"mode": "full"}),
 }
 
 
@@ -199,12 +211,16 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def markdown_table(rows: list[dict], baseline_accuracy: float) -> str:
     lines = ["| method | test accuracy (%) | train time (s) | median step (ms) | optimizer state (MiB) | "
-             "trainable tensors | setup |", "|---|---|---|---|---|---|---|"]
+             "learned parameters | lr | setup |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         acc = f"{row['accuracy']:.1f}" + (f" ± {row['accuracy_std']:.1f}" if row["seeds"] > 1 else "")
         lines.append(f"| {row['method']} | {acc} | {row['train_seconds']:.1f} | {row['step_ms']:.0f} | "
-                     f"{row['state_mb']:.2f} | {row['trainable'] / 1e6:.2f}M | {row['note']} |")
-    lines.append(f"\nMajority-class accuracy on the test split: {100 * baseline_accuracy:.1f}%.")
+                     f"{row['state_mb']:.2f} | {row['learned'] / 1e6:.3f}M | {row['lr']:g} | {row['note']} |")
+    lines.append(f"\nMajority-class accuracy on the test split: {100 * baseline_accuracy:.1f}%. Learned parameters: "
+                 "the values the optimizer learns (RandLoRAAdamW: the lambda/gamma coefficients of each matrix, not "
+                 "the weights it writes into). Optimizer state: every tensor in `optimizer.state` (RandLoRAAdamW: its "
+                 "coefficients too; LoRA-Pro full mode: Adam moments of each adapted layer's full-size equivalent "
+                 "gradient).")
     return "\n".join(lines)
 
 

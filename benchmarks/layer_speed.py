@@ -222,8 +222,8 @@ def main(argv=None):
         checks.append((name, check))
         print(markdown_table(HEADERS, case_rows), flush=True)
     plans = {shape: ours_plan(*shape) for shape in LAYER_SHAPES}
-    path = write_result("layer_speed.md", render(rows, checks, plans, args, time.perf_counter() - start))
-    print(f"wrote {path}")
+    text = render(rows, checks, plans, args, time.perf_counter() - start)
+    print(f"wrote {write_result('layer_speed.md', text, show=False)}")
 
 
 if __name__ == "__main__":

@@ -10,18 +10,14 @@ compares steps taken under the same machine load. Run from the repository root:
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
-import time
-import warnings
 
 import torch
 
 from randopt.lorapro import LoRAProAdamW
 
-from .common import (MIB, add_thread_args, machine_line, markdown_table, median, ratio_spread, set_threads,
-                     time_round_robin, write_result)
+from .common import (MIB, machine_line, markdown_table, median, ratio_spread, state_bytes, step_benchmark_args,
+                     time_round_robin, training_steps, write_result)
 
 BATCH, SEQ, RANK, ALPHA = 8, 128, 8, 16.0
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -47,38 +43,17 @@ def make_optimizer(method, model):
     return LoRAProAdamW(model, lr=1e-4, mode=mode, state_dtype="8bit" if method.endswith("8bit") else "fp32")
 
 
-def state_bytes(optimizer) -> int:
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=None)
-    add_thread_args(parser)
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    repeats = args.repeats or (3 if args.quick else 15)
-
+    args = step_benchmark_args(__doc__.splitlines()[0], argv, quick_repeats=3, repeats=15)
+    repeats = args.repeats
     base, config = make_model()
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    steps, optimizer_cpu, optimizers = {}, {}, {}
+    runs = {}
     for method in METHODS:
         model = copy.deepcopy(base)
-        optimizer = make_optimizer(method, model)
-        optimizers[method], optimizer_cpu[method] = optimizer, []
-
-        def step(model=model, optimizer=optimizer, record=optimizer_cpu[method]):
-            optimizer.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-            start = time.process_time()
-            optimizer.step()
-            record.append(time.process_time() - start)
-
-        steps[method] = step
+        runs[method] = model, make_optimizer(method, model)
+    optimizers = {method: optimizer for method, (_, optimizer) in runs.items()}
+    steps, optimizer_cpu = training_steps(runs, ids)
     times = time_round_robin(steps, repeats=repeats, warmup=WARMUP)
     cpu = times.cpu
 
@@ -131,9 +106,7 @@ def main(argv=None):
         "bitsandbytes); its time on this CPU is mostly bitsandbytes' CPU (de)quantisation.",
         "",
     ])
-    path = write_result("lorapro_speed.md", text)
-    print(text)
-    print(f"wrote {path}")
+    write_result("lorapro_speed.md", text)
 
 
 if __name__ == "__main__":

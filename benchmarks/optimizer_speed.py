@@ -345,9 +345,7 @@ def main(argv=None):
 
     text = report(args, cfg, machine, repeats, times, opt_seconds, first_step, states, peaks, flops, method_flops,
                   base, profile_text, time.perf_counter() - started)
-    path = write_result("optimizer_speed.md", text)
-    print(text)
-    print(f"wrote {path}")
+    write_result("optimizer_speed.md", text)
 
 
 def ratio_text(times, method, reference) -> str:

@@ -127,9 +127,7 @@ def main(argv=None):
         rows += run_size(n, repeats, cheap_repeats)
         print(f"n={n} done", flush=True)
     text = report(rows, args, repeats, cheap_repeats)
-    path = write_result("squeeze_speed.md", text)
-    print(text)
-    print(f"wrote {path}")
+    write_result("squeeze_speed.md", text)
 
 
 def report(rows, args, repeats, cheap_repeats) -> str:

@@ -39,8 +39,8 @@ import torch
 
 from benchmarks import finetune
 from benchmarks.common import machine_line, markdown_table
-from benchmarks.finetune import (TARGETS, Method, accuracy, freeze_all_but, full_ft, is_head, lora_model, peft_lora,
-                                 randlora_adamw, summarise)
+from benchmarks.finetune import (LEARNING_RATES, TARGETS, Method, accuracy, freeze_all_but, full_ft, is_head, lorapro,
+                                 peft_lora, randlora_adamw, summarise)
 from benchmarks.tasks import Task, name_gender, word_polarity
 
 RESULTS = finetune.RESULTS
@@ -65,38 +65,35 @@ def module_route(make_base, lr, rank=32):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-def lorapro(make_base, lr, rank=8, mode="full", **options):
-    from randopt.optim.lorapro_adamw import LoRAProAdamW
-
-    model = lora_model(make_base, rank)
-    return model, LoRAProAdamW(model, lr=lr, mode=mode, **options)
-
-
-FULL, LORA8, LORA32, SQUEEZED = ("full FT (AdamW)", "PEFT LoRA r8 (AdamW)", "PEFT LoRA r32 (AdamW)",
-                                 f"LoRA r32 -> squeezed r{SQUEEZE_RANK} (post hoc)")
+SQUEEZE_TUNE_STEPS = 100
+FULL, LORA8, LORA64 = "full FT (AdamW)", "PEFT LoRA r8 (AdamW)", "PEFT LoRA r64 (AdamW)"
+SQUEEZED = f"LoRA r64 -> squeezed r{SQUEEZE_RANK} (post hoc)"
+SQUEEZED_TUNED = f"LoRA r64 -> squeezed r{SQUEEZE_RANK} + {SQUEEZE_TUNE_STEPS} steps at r{SQUEEZE_RANK}"
 RANDLORA_NOTE = "RandLoRA r32 (scale 20) on q,k,v,dense"
+LR = LEARNING_RATES
 METHODS: dict[str, Method] = {
-    FULL: Method(full_ft, 5e-5, "every weight"),
-    LORA8: Method(peft_lora, 1e-3, "LoRA r8 alpha 16 on q,k,v,dense", {"rank": 8}),
-    LORA32: Method(peft_lora, 1e-3, "LoRA r32 alpha 64 on q,k,v,dense", {"rank": 32}),
-    "PEFT RandLora r32 (AdamW)": Method(peft_randlora, 5e-4, RANDLORA_NOTE + "; PEFT's bases"),
-    "RandLoRAAdamW r32": Method(randlora_adamw, 5e-4, RANDLORA_NOTE + "; plain model"),
-    "module route r32 (AdamW)": Method(module_route, 5e-4, RANDLORA_NOTE + "; randopt.randlora.inject_randlora"),
-    "LoRA-Pro full r8": Method(lorapro, 5e-5, "PEFT LoRA r8 model", {"mode": "full"}),
-    "LoRA-Pro efficient r8": Method(lorapro, 1e-3, "PEFT LoRA r8 model", {"mode": "efficient"}),
-    "RandLoRAAdamW r32 8-bit": Method(randlora_adamw, 5e-4, RANDLORA_NOTE + "; 8-bit moments",
+    FULL: Method(full_ft, LR["full FT"], "every weight"),
+    LORA8: Method(peft_lora, LR["LoRA"], "LoRA r8 alpha 16 on q,k,v,dense", {"rank": 8}),
+    LORA64: Method(peft_lora, LR["LoRA"], "LoRA r64 alpha 128 on q,k,v,dense", {"rank": 64}),
+    "PEFT RandLora r32 (AdamW)": Method(peft_randlora, LR["RandLoRA"], RANDLORA_NOTE + "; PEFT's bases"),
+    "RandLoRAAdamW r32": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; plain model"),
+    "module route r32 (AdamW)": Method(module_route, LR["RandLoRA"],
+                                       RANDLORA_NOTE + "; randopt.randlora.inject_randlora"),
+    "LoRA-Pro full r8": Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model", {"mode": "full"}),
+    "LoRA-Pro efficient r8": Method(lorapro, LR["LoRA-Pro efficient"], "PEFT LoRA r8 model", {"mode": "efficient"}),
+    "RandLoRAAdamW r32 8-bit": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; 8-bit moments",
                                       {"state_dtype": "8bit"}),
-    "LoRA-Pro full r8 8-bit": Method(lorapro, 5e-5, "PEFT LoRA r8 model; 8-bit moments",
+    "LoRA-Pro full r8 8-bit": Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model; 8-bit moments",
                                      {"mode": "full", "state_dtype": "8bit"}),
 }
-DERIVED = {SQUEEZED: LORA32}
+DERIVED = {SQUEEZED: LORA64, SQUEEZED_TUNED: LORA64}
 """Rows computed from another method's trained model (no training of their own): name -> source method."""
 SAME_LR = {"RandLoRAAdamW r32 8-bit": "RandLoRAAdamW r32", "LoRA-Pro full r8 8-bit": "LoRA-Pro full r8",
            "PEFT RandLora r32 (AdamW)": "RandLoRAAdamW r32", "module route r32 (AdamW)": "RandLoRAAdamW r32",
-           LORA32: LORA8}
+           LORA64: LORA8}
 """Methods that take another's learning rate instead of a sweep of their own: 8-bit variants their fp32
 method's; PEFT RandLora and the module route RandLoRAAdamW's (the same update rule: equal losses for equal
-bases); LoRA r32 LoRA r8's (alpha = 2r in both, the same scale)."""
+bases); LoRA r64 LoRA r8's (alpha = 2r in both, the same scale)."""
 
 SWEEP_GRID = {
     FULL: [2e-5, 5e-5, 1e-4, 2e-4],
@@ -109,8 +106,8 @@ SWEEP_GRID = {
 LR_SWEEP = """\
 Learning rates were chosen by `python -m benchmarks.suite --sweep --tasks polarity --seeds 0` (150 steps of
 batch 32, accuracy on a validation split: the last 20% of the training split; the test split was not used)
-over `SWEEP_GRID`. The other methods take a swept method's rate: the 8-bit variants their fp32 method's,
-PEFT RandLora and the module route RandLoRAAdamW's (the same update rule), LoRA r32 LoRA r8's (the same
+over `SWEEP_GRID` ([suite_sweep.md](suite_sweep.md)). The other methods take a swept method's rate: the 8-bit variants their fp32 method's,
+PEFT RandLora and the module route RandLoRAAdamW's (the same update rule), LoRA r64 LoRA r8's (the same
 scale alpha/r = 2).
 """
 
@@ -226,31 +223,44 @@ class PeakMemory:
         return False
 
 
-def squeezed_row(result: dict, model, backbone: Backbone, task: Task, rank: int = SQUEEZE_RANK) -> dict:
-    """Squeeze the trained LoRA r32 model to ``rank`` (``randopt.squeeze``), load the adapter with
-    ``PeftModel.from_pretrained`` on a fresh base model and evaluate it."""
+def squeezed_rows(result: dict, model, backbone: Backbone, task: Task, names: list[str], batch_size: int,
+                  seed: int) -> list[dict]:
+    """Squeeze the trained LoRA r64 model to r8 (``randopt.squeeze``), load the adapter with
+    ``PeftModel.from_pretrained`` on a fresh base model and evaluate it (``SQUEEZED``); then train that r8
+    adapter ``SQUEEZE_TUNE_STEPS`` more steps with AdamW at LoRA r8's rate on fresh batches and evaluate again
+    (``SQUEEZED_TUNED``)."""
     from peft import PeftModel
 
     import randopt
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        squeezed = randopt.squeeze(model, rank=rank, out_dir=os.path.join(tmp, "squeezed"))
+        squeezed = randopt.squeeze(model, rank=SQUEEZE_RANK, out_dir=os.path.join(tmp, "squeezed"))
         seconds = time.perf_counter() - start
         with torch.random.fork_rng(devices=[]):  # the head comes from the adapter; keep the seed's RNG stream
-            fresh = PeftModel.from_pretrained(backbone.make(len(task.labels)), squeezed.out_dir)
+            fresh = PeftModel.from_pretrained(backbone.make(len(task.labels)), squeezed.out_dir, is_trainable=True)
     energy = statistics.fmean(layer.energy for layer in squeezed.layers)
-    return {**result, "method": SQUEEZED, "accuracy": accuracy(fresh, backbone.tokenizer, task.test),
-            "learned": sum(t.numel() for t in squeezed.tensors.values()),
-            "trainable": sum(t.numel() for t in squeezed.tensors.values()),
-            "note": f"{LORA32} squeezed to r{rank} ({seconds:.1f} s, mean kept energy {energy:.3f}); "
-                    "trained at r32: its time and state are the r32 run's",
-            "squeeze_seconds": seconds}
+    adapter = sum(t.numel() for t in squeezed.tensors.values())
+    common = {**result, "learned": adapter, "trainable": adapter, "squeeze_seconds": seconds}
+    rows = []
+    if SQUEEZED in names:
+        rows.append({**common, "method": SQUEEZED, "accuracy": accuracy(fresh, backbone.tokenizer, task.test),
+                     "note": f"{LORA64} squeezed to r{SQUEEZE_RANK} ({seconds:.1f} s, mean kept energy {energy:.3f}); "
+                             "trained at r64: its time and state are the r64 run's"})
+    if SQUEEZED_TUNED in names:
+        optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=METHODS[LORA8].lr)
+        log = finetune.train(fresh, optimizer, task, backbone.tokenizer, SQUEEZE_TUNE_STEPS, batch_size,
+                             seed + 1000, progress=False)
+        rows.append({**common, "method": SQUEEZED_TUNED, "accuracy": accuracy(fresh, backbone.tokenizer, task.test),
+                     "losses": result["losses"] + log["losses"], "lr": METHODS[LORA8].lr,
+                     "note": f"the squeezed r{SQUEEZE_RANK} adapter trained {SQUEEZE_TUNE_STEPS} more steps (AdamW, "
+                             f"lr {METHODS[LORA8].lr:g}): {SQUEEZE_TUNE_STEPS} steps over the others' budget"})
+    return rows
 
 
 def run_job(spec: dict) -> list[dict]:
     """Train ``spec["method"]`` on ``spec["task"]`` for each seed; rows as ``finetune.run`` returns them plus
-    ``peak_mb`` (and the derived squeezed rows for the LoRA r32 source). Errors become rows with ``error``."""
+    ``peak_mb`` (and the derived squeezed rows for the LoRA r64 source). Errors become rows with ``error``."""
     torch.set_num_threads(spec["threads"])
     name = spec["method"]
     method = METHODS[name]
@@ -272,12 +282,12 @@ def run_job(spec: dict) -> list[dict]:
         except Exception as error:  # a broken method is reported, not fatal to the suite
             rows.append({**base, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
             continue
-        for derived_name in derived:
+        if derived:
             try:
-                rows.append(squeezed_row(rows[-1], model, backbone, task))
+                rows.extend(squeezed_rows(rows[-1], model, backbone, task, derived, spec["batch_size"], seed))
             except Exception as error:
-                rows.append({**base, "method": derived_name, "error": f"{type(error).__name__}: {error}",
-                             "traceback": traceback.format_exc()})
+                rows.extend({**base, "method": name, "error": f"{type(error).__name__}: {error}",
+                             "traceback": traceback.format_exc()} for name in derived)
         del model
     return rows
 
@@ -321,9 +331,9 @@ def task_table(rows: list[dict], failures: list[dict], names: list[str]) -> str:
         derived = row["method"] in DERIVED
         acc = f"{row['accuracy']:.1f} ± {row['accuracy_std']:.1f}" if row["seeds"] > 1 else f"{row['accuracy']:.1f}"
         table.append([row["method"], acc, f"{row['learned'] / 1e6:.3f}M", fmt_bytes(row["state_mb"]),
-                      "(r32 run)" if derived else f"{row['step_ms']:.0f}",
-                      "(r32 run)" if derived else f"{row['step_cpu_ms']:.0f}",
-                      "(r32 run)" if derived else fmt_bytes(row.get("peak_mb")),
+                      "(r64 run)" if derived else f"{row['step_ms']:.0f}",
+                      "(r64 run)" if derived else f"{row['step_cpu_ms']:.0f}",
+                      "(r64 run)" if derived else fmt_bytes(row.get("peak_mb")),
                       f"{row['lr']:g}", row["note"]])
     failed = {}
     for f in failures:
@@ -332,6 +342,39 @@ def task_table(rows: list[dict], failures: list[dict], names: list[str]) -> str:
         if name in failed and name not in {r["method"] for r in rows}:
             table.append([name, "failed", "-", "-", "-", "-", "-", "-", failed[name].replace("|", "\\|")])
     return markdown_table(headers, table)
+
+
+EIGHT_BIT_TOLERANCE = 0.5  # accuracy points
+
+
+def eight_bit_section(results: list[dict], tasks: dict, names: list[str]) -> list[str]:
+    """8-bit moments against the same method with fp32 moments: accuracy (seed by seed, same data order) and
+    optimizer-state bytes."""
+    table = []
+    for key, task in tasks.items():
+        ok = [r for r in results if r["task"] == key and "error" not in r]
+        for name, source in SAME_LR.items():
+            if not name.endswith("8-bit") or name not in names or source not in names:
+                continue
+            by_seed = {(r["method"], r["seed"]): r for r in ok if r["method"] in (name, source)}
+            seeds = sorted({seed for method, seed in by_seed if method == name}
+                           & {seed for method, seed in by_seed if method == source})
+            if not seeds:
+                continue
+            eight = [100 * by_seed[name, s]["accuracy"] for s in seeds]
+            fp32 = [100 * by_seed[source, s]["accuracy"] for s in seeds]
+            gap = statistics.fmean(eight) - statistics.fmean(fp32)
+            state = by_seed[name, seeds[0]]["state_bytes"] / by_seed[source, seeds[0]]["state_bytes"]
+            table.append([task.name, name, f"{statistics.fmean(fp32):.1f}", f"{statistics.fmean(eight):.1f}",
+                          f"{gap:+.2f}", ", ".join(f"{e - f:+.1f}" for e, f in zip(eight, fp32)), f"{state:.3f}",
+                          "met" if abs(gap) <= EIGHT_BIT_TOLERANCE else "NOT met"])
+    if not table:
+        return []
+    return ["## 8-bit moments", "",
+            f"Each 8-bit method against the same method with fp32 moments (same learning rate, seeds and data "
+            f"order). Target: mean accuracy within {EIGHT_BIT_TOLERANCE} points of fp32.", "",
+            markdown_table(["task", "method", "fp32 accuracy (%)", "8-bit accuracy (%)", "difference (points)",
+                            "per seed", "state bytes x fp32", f"within {EIGHT_BIT_TOLERANCE}"], table), ""]
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -343,7 +386,8 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 STYLES = {  # color, marker, filled: a method family shares a color; 8-bit variants are crosses, dashed
-    FULL: ("C0", "o", True), LORA8: ("C1", "s", True), LORA32: ("C1", "D", True), SQUEEZED: ("C1", "*", True),
+    FULL: ("C0", "o", True), LORA8: ("C1", "s", True), LORA64: ("C1", "D", True), SQUEEZED: ("C1", "*", True),
+    SQUEEZED_TUNED: ("C1", "P", True),
     "PEFT RandLora r32 (AdamW)": ("C2", "^", True), "RandLoRAAdamW r32": ("C3", "o", True),
     "module route r32 (AdamW)": ("C3", "o", False), "RandLoRAAdamW r32 8-bit": ("C3", "x", True),
     "LoRA-Pro full r8": ("C4", "v", True), "LoRA-Pro efficient r8": ("C5", "<", True),
@@ -560,6 +604,7 @@ def main(argv=None) -> None:
         sections += [f"## {task.name}", "",
                      f"{len(task.train):,} train / {len(task.test):,} test examples; majority class "
                      f"{100 * majority:.1f}% of the test split.", "", table, ""]
+    sections += eight_bit_section(results, tasks, names)
     failures = [r for r in results if "error" in r]
     if failures:
         sections += ["## Failures", ""]
