@@ -142,6 +142,16 @@ def test_lorapro_checkpoint_resume_is_exact(zero_runs):
         assert torch.equal(run["resumed_weights"][name], value), name
 
 @pytest.mark.distributed
+def test_trainer_factory_trains_under_deepspeed(zero_runs):
+    """Trainer(optimizer_cls_and_kwargs=randopt_optimizer(...)) with TrainingArguments(deepspeed=ZeRO-2): DeepSpeed
+    steps our optimizer (not transformers' AdamW), which communicates its coefficients once per step."""
+    run = zero_runs["trainer"]["factory_training"]
+    assert run["optimizer"] == run["deepspeed_optimizer"] == "RandLoRAAdamW"
+    assert run["steps"] == 2 and run["changed"]
+    assert run["coefficient_all_reduces"] == 2
+
+
+@pytest.mark.distributed
 def test_trainer_check_flags_the_dropped_optimizer(zero_runs):
     outcomes = zero_runs["trainer"]
     assert "drops the optimizer passed as Trainer(optimizers=" in outcomes["optimizers_argument"]

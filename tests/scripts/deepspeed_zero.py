@@ -271,6 +271,37 @@ def run_case(case, batches, out_dir):
     return result
 
 
+def factory_training(out_dir) -> dict:
+    """Train 2 steps with ``Trainer(optimizer_cls_and_kwargs=randopt_optimizer(...))`` under
+    ``TrainingArguments(deepspeed=...)`` (ZeRO-2): the optimizer DeepSpeed steps must be ours."""
+    from accelerate.state import AcceleratorState
+    from transformers import Trainer, TrainingArguments
+
+    from randopt.integrations.transformers import randopt_optimizer, unwrap_optimizer
+
+    AcceleratorState._reset_state(True)
+    model = llama(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("q_proj.weight")}
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (8, SEQ), generator=torch.Generator()
+                                                                          .manual_seed(3))]
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+              "zero_allow_untested_optimizer": True}
+    args = TrainingArguments(output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, report_to=[], max_steps=2,
+                             per_device_train_batch_size=2, deepspeed=config, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      optimizer_cls_and_kwargs=randopt_optimizer("RandLoRAAdamW", target_modules=LLAMA_TARGETS,
+                                                                 rank=3, lr=1e-2))
+    randopt_deepspeed.check_trainer_optimizer(trainer)
+    trainer.train()
+    engine = trainer.model_wrapped
+    after = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()
+             if n in before}
+    optimizer = unwrap_optimizer(trainer.optimizer)
+    return {"optimizer": type(optimizer).__name__, "deepspeed_optimizer": type(engine.basic_optimizer).__name__,
+            "steps": int(trainer.state.global_step), "changed": all(not torch.equal(before[n], after[n]) for n in before),
+            "coefficient_all_reduces": optimizer.communicated["all_reduces"] if optimizer is not None else 0}
+
+
 def trainer_checks(out_dir) -> dict:
     """``check_trainer_optimizer`` on real transformers Trainers running DeepSpeed: one given optimizers=(opt, None)
     (which transformers would drop), one building the optimizer in create_optimizer (which works)."""
@@ -288,7 +319,7 @@ def trainer_checks(out_dir) -> dict:
         optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, LLAMA_TARGETS, rank=3), rank=3)
         return Trainer(model=model, args=args, optimizers=(optimizer, None))
 
-    outcomes = {}
+    outcomes = {"factory_training": factory_training(out_dir)}
     for name, make in (("optimizers_argument", optimizers_argument),
                        ("create_optimizer", lambda args: RandLoRATrainer(model=llama(0), args=args))):
         AcceleratorState._reset_state(True)  # one DeepSpeed Trainer per Accelerator state
