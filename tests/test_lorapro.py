@@ -217,15 +217,22 @@ def test_efficient_mode_is_adamw_on_the_adjusted_gradients(tokens):
         for m, o in ((model, opt), (reference, torch_adamw)):
             o.zero_grad()
             loss_of(m, tokens).backward()
+        moved = raw = 0.0
         with torch.no_grad():
             for pair in ref_pairs:
                 a0, b0 = dense_closed_form(pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scale)
                 GB, GA = pair.B.T @ pair.B, pair.A @ pair.A.T
                 X = kron_sylvester(GB, GA, -torch.linalg.inv(GB) @ pair.A.grad @ pair.A.T / pair.scale ** 2)
+                moved += (a0 + X @ pair.A - pair.A.grad).square().sum() + (b0 - pair.B @ X - pair.B.grad).square().sum()
+                raw += pair.A.grad.square().sum() + pair.B.grad.square().sum()
                 pair.A.grad.copy_(a0 + X @ pair.A)
                 pair.B.grad.copy_(b0 - pair.B @ X)
         opt.step()
         torch_adamw.step()
+        # the metric the Trainer callback logs: how far the adjustment moved LoRA's gradients this step
+        metrics = opt.metrics()
+        assert metrics["lorapro/adjustment_distance"] == pytest.approx(math.sqrt(moved), rel=1e-5)
+        assert metrics["lorapro/relative_adjustment"] == pytest.approx(math.sqrt(moved / raw), rel=1e-5)
     ours = dict(model.named_parameters())
     for name, param in reference.named_parameters():
         torch.testing.assert_close(ours[name], param, rtol=1e-10, atol=1e-12, msg=name)

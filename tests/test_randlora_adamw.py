@@ -1,6 +1,5 @@
 """RandLoRAAdamW: exactness against the module route and PEFT, fused backward, bf16, resume, bad input."""
 import copy
-import io
 import os
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import torch
 import randopt
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from randopt.optim.precision import add_update_
-from randopt.randlora import bases_from_tensors, inject_randlora, randlora_layers
+from randopt.randlora import inject_randlora, randlora_layers
 
 RANK, ALPHA, LR, WD = 3, 5.0, 1e-2, 0.1
 MODELS = [(tiny_gpt2, GPT2_TARGETS), (tiny_llama, LLAMA_TARGETS)]

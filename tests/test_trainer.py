@@ -17,7 +17,7 @@ def dataset(n=12):
     return [{"input_ids": pool[i % 3], "labels": pool[i % 3]} for i in range(n)]
 
 
-def make_trainer(tmp_path, max_steps=6, **overrides):
+def make_trainer(tmp_path, max_steps=6, adapt=lambda model: model, **overrides):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, logging_steps=1,
         save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
@@ -25,7 +25,7 @@ def make_trainer(tmp_path, max_steps=6, **overrides):
     kwargs = {"optimizer_cls_and_kwargs": randopt_optimizer("RandLoRAAdamW", target_modules=LLAMA_TARGETS, rank=3,
                                                             alpha=5.0, lr=1e-2)}
     kwargs.update(overrides)
-    model = tiny_llama(torch.float32)
+    model = adapt(tiny_llama(torch.float32))
     model.train()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(), **kwargs)
     return trainer
@@ -46,6 +46,21 @@ def test_factory_builds_randlora_adamw_and_callback_logs_metrics(tmp_path):
     assert all({"randopt/lambda_norm", "randopt/update_norm", "randopt/nonfinite_skips"} <= h.keys() for h in logged)
     assert logged[-1]["randopt/update_norm"] > logged[0]["randopt/update_norm"] > 0
     assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+def test_lorapro_factory_logs_the_adjustment(tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS)
+    trainer = make_trainer(tmp_path, max_steps=3, adapt=lambda model: peft.get_peft_model(model, lora),
+                           optimizer_cls_and_kwargs=randopt_optimizer("LoRAProAdamW", lr=1e-2, mode="efficient"))
+    RandoptCallback.attach(trainer, export_adapter=False)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3
+    for h in logged:
+        assert h["randopt/nonfinite_skips"] == 0
+        # LoRA-Pro rescales through (B^T B)^-1 and (A A^T)^-1: the adjusted gradients move far from LoRA's own
+        assert h["randopt/lorapro/adjustment_distance"] > 0 and h["randopt/lorapro/relative_adjustment"] > 0
 
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path):

@@ -225,6 +225,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         if isinstance(params, nn.Module):
             params = model_groups(params)
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
+        self._adjustment = [torch.zeros(()), torch.zeros(())]  # squared distance raw -> adjusted, squared raw norm
         super().__init__(params, defaults)
         if not any(g["lora_scale"] is not None for g in self.param_groups):
             raise ValueError("params: no LoRA pair given; pass a LoRA model or lorapro_groups(pairs=...)")
@@ -277,6 +278,8 @@ class LoRAProAdamW(PartitionAwareOptimizer):
             self._check_options(group)
             self._check_state(group)
         locator = self._update_locator()
+        if not locator.distributed or self._real_step.call < 0:  # a new real step
+            self._adjustment = [torch.zeros(()), torch.zeros(())]
         if locator.distributed:
             self._sharded_call(locator, lambda group, p: self._visit(locator, group, p))
             return loss
@@ -330,11 +333,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
             state["nonfinite_skips"] += 1
             return
         A_w, B_w = _working(A), _working(B)
-        dtype, scale, rcond = A_w.dtype, group["lora_scale"], group["rcond"]
+        dtype, rcond = A_w.dtype, group["rcond"]
         gA_lora, gB_lora = gA_lora.to(dtype), gB_lora.to(dtype)
         grams = factor_grams(A_w, B_w, rcond)
         if group["mode"] == "efficient":
-            gA, gB = adjust_gradients(A_w, B_w, gA_lora, gB_lora, scale, group["x_mode"], grams, rcond)
+            gA, gB = self._adjusted(group, A_w, B_w, gA_lora, gB_lora, grams)
             if not _all_finite(gA_lora, gB_lora, gA, gB):
                 state["nonfinite_skips"] += 1
                 return
@@ -357,7 +360,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _full_update(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
         """Full mode's moments of the equivalent gradient and the adjusted factor updates of their Adam direction."""
-        scale, rcond = group["lora_scale"], group["rcond"]
+        scale = group["lora_scale"]
         beta1, beta2 = group["betas"]
         g_equiv = projected_gradient(A_w, B_w, gA_lora, gB_lora, scale, grams)
         state["step"] += 1
@@ -368,7 +371,24 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         write_moment(state, _FULL_MOMENTS[1], exp_avg_sq)
         direction = adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"]).to(A_w.dtype)
         gA_d, gB_d = lora_gradients(A_w, B_w, direction, scale)
-        return adjust_gradients(A_w, B_w, gA_d, gB_d, scale, group["x_mode"], grams, rcond)
+        return self._adjusted(group, A_w, B_w, gA_d, gB_d, grams)
+
+    def _adjusted(self, group, A_w, B_w, gA_raw, gB_raw, grams):
+        """LoRA-Pro's adjusted factor gradients, recording how far they moved from the raw ones (``metrics``)."""
+        gA, gB = adjust_gradients(A_w, B_w, gA_raw, gB_raw, group["lora_scale"], group["x_mode"], grams, group["rcond"])
+        moved = (gA - gA_raw).square().sum() + (gB - gB_raw).square().sum()
+        raw = gA_raw.square().sum() + gB_raw.square().sum()
+        # a non-finite pair is skipped (and counted) by the caller: it adds nothing here
+        self._adjustment = [total + part.float().nan_to_num(0.0, 0.0, 0.0)
+                            for total, part in zip(self._adjustment, (moved, raw))]
+        return gA, gB
+
+    def metrics(self) -> dict[str, float]:
+        """The last step's distance between the raw and the adjusted factor gradients, summed over pairs (the raw
+        ones: LoRA's gradients in efficient mode, those of the Adam direction in full mode), absolute and
+        relative to the raw ones' norm. Logged by ``RandoptCallback``."""
+        moved, raw = (math.sqrt(float(t)) for t in self._adjustment)
+        return {"lorapro/adjustment_distance": moved, "lorapro/relative_adjustment": moved / raw if raw else 0.0}
 
     @staticmethod
     def _decay_and_descend(group, A_w, B_w, gA, gB) -> None:
@@ -457,13 +477,13 @@ class LoRAProAdamW(PartitionAwareOptimizer):
             (A_w, gA_lora), (B_w, gB_lora) = whole[A], whole[B]
             owner = index % world == rank
             state = self._sharded_pair_state(A, group["mode"], owner, A_w, B_w)
-            scale, rcond = group["lora_scale"], group["rcond"]
+            rcond = group["rcond"]
             if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):
                 state["nonfinite_skips"] += 1
                 continue
             grams = factor_grams(A_w, B_w, rcond)
             if group["mode"] == "efficient":
-                gA, gB = adjust_gradients(A_w, B_w, gA_lora, gB_lora, scale, group["x_mode"], grams, rcond)
+                gA, gB = self._adjusted(group, A_w, B_w, gA_lora, gB_lora, grams)
                 if not _all_finite(gA_lora, gB_lora, gA, gB):
                     state["nonfinite_skips"] += 1
                     continue
@@ -563,3 +583,4 @@ class LoRAProAdamW(PartitionAwareOptimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_base_weights", {})
+        self.__dict__.setdefault("_adjustment", [torch.zeros(()), torch.zeros(())])
