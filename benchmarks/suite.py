@@ -64,7 +64,7 @@ def module_route(make_base, lr, rank=32):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-SQUEEZE_TUNE_STEPS = 100
+SQUEEZE_TUNE_STEPS = 300
 FULL, LORA8, LORA64 = "full FT (AdamW)", "PEFT LoRA r8 (AdamW)", "PEFT LoRA r64 (AdamW)"
 SQUEEZED = f"LoRA r64 -> squeezed r{SQUEEZE_RANK} (post hoc)"
 SQUEEZED_TUNED = f"LoRA r64 -> squeezed r{SQUEEZE_RANK} + {SQUEEZE_TUNE_STEPS} steps at r{SQUEEZE_RANK}"
