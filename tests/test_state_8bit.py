@@ -66,14 +66,16 @@ def train(state_dtype, steps=200, min_8bit_size=4096, seed=0):
         return torch.nn.functional.mse_loss(model(x), target).item(), opt, model
 
 
-def test_8bit_states_track_fp32_over_200_steps():
+@pytest.mark.parametrize("state_dtype,storage", [("8bit", "8bit"), ("bf16", "bfloat16")])
+def test_low_precision_states_track_fp32_over_200_steps(state_dtype, storage):
+    """8-bit moments, and the bf16 first moment (the evidence that it is safe to offer), train like fp32."""
     fp32_loss, _, _ = train("fp32")
-    int8_loss, opt, _ = train("8bit", min_8bit_size=256)
+    low_loss, opt, _ = train(state_dtype, min_8bit_size=256)
     first_loss = train("fp32", steps=1)[0]
     assert fp32_loss < 0.5 * first_loss, "the task must be learnt for the comparison to mean anything"
-    assert abs(int8_loss - fp32_loss) <= 0.02 * fp32_loss
+    assert abs(low_loss - fp32_loss) <= 0.02 * fp32_loss
     summary = state_summary(opt)
-    assert summary["8bit"]["moments"] >= 4
+    assert summary[storage]["moments"] >= 4
 
 
 def test_no_silent_fp32_fallback_above_the_threshold():
