@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from randopt.lorasqueeze.export import base_weights
+from randopt.lorasqueeze.export import base_weights, randlora_matrices
 from randopt.randlora.bases import (BASIS_KINDS, RandLoRABases, bases_from_tensors, compute_fingerprint, make_bases,
                                     num_bases)
 from randopt.randlora.functional import coefficient_shapes, delta_weight, init_coefficients
@@ -120,45 +120,9 @@ def _coefficient_keys(name: str) -> tuple[str, str]:
 
 
 # ----- export -----------------------------------------------------------------------------------------------------
-def _adapted_matrices(model: nn.Module, optimizer, module_names=None) -> list[tuple]:
-    """``[(module name, module, weight, group)]`` of the layers whose weight the optimizer trains through RandLoRA."""
-    order, modules = {}, {}
-    for index, (name, module) in enumerate(model.named_modules()):
-        if name and linear_shape(module) is not None:
-            order[name] = index
-            modules[id(module.weight)] = (name, module)
-    found, strays = {}, []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if _is_matrix(p, group):
-                if id(p) in modules:
-                    name, module = modules[id(p)]
-                    found[name] = (module, p, group)
-                else:
-                    strays.append(tuple(p.shape))
-    if module_names is None:
-        if strays:
-            raise ValueError(f"the optimizer trains matrices of shapes {strays} through RandLoRA that are not the "
-                             "weight of an nn.Linear or transformers Conv1D of this model; a PEFT RandLora adapter "
-                             "holds only such layers: pass module_names to export the others")
-        names = sorted(found, key=order.__getitem__)
-    else:
-        if isinstance(module_names, str) or not all(isinstance(n, str) for n in module_names):
-            raise ValueError(f"module_names must be a list of module names, got {module_names!r}")
-        names = list(dict.fromkeys(module_names))
-        unknown = [n for n in names if n not in found]
-        if unknown:
-            raise ValueError(f"module_names {unknown} are not layers whose weight the optimizer trains through "
-                             f"RandLoRA; those are {sorted(found, key=order.__getitem__)}")
-    if not names:
-        raise ValueError("the optimizer trains no nn.Linear/Conv1D weight of this model through RandLoRA: "
-                         "nothing to export")
-    return [(name, *found[name]) for name in names]
-
-
 def _common_group_settings(optimizer, matrices) -> dict:
     settings = {}
-    for name, module, _, group in matrices:
+    for name, module, group in ((m.name, m.module, m.group) for m in matrices):
         settings.setdefault((*_bases_key(group), _alpha(optimizer, group)), []).append(name)
         if linear_shape(module)[2] != bool(group["fan_in_fan_out"]):
             raise ValueError(f"{name} is a {type(module).__name__} but its parameter group has "
@@ -169,7 +133,7 @@ def _common_group_settings(optimizer, matrices) -> dict:
         raise ValueError("a PEFT RandLora adapter has one rank, alpha, seed and basis kind, but the layers to export "
                          f"use several: {described}; export each set with module_names=")
     (rank, seed, kind, alpha), = settings
-    return {"rank": rank, "seed": seed, "basis_kind": kind, "alpha": alpha, "group": matrices[0][3]}
+    return {"rank": rank, "seed": seed, "basis_kind": kind, "alpha": alpha, "group": matrices[0].group}
 
 
 def _target_modules(model: nn.Module, names: list[str]):
@@ -198,12 +162,12 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
     replaces an existing adapter directory as a whole, nothing half-written is left on failure, and a directory holding
     anything but adapter files is refused.
     """
-    matrices = _adapted_matrices(model, optimizer, module_names)
+    matrices = randlora_matrices(model, optimizer, module_names)
     settings = _common_group_settings(optimizer, matrices)
     rank, alpha, kind = settings["rank"], settings["alpha"], settings["basis_kind"]
     full = optimizer._bases[_bases_key(settings["group"])]
     tensors, shapes = {}, []
-    for name, module, p, group in matrices:
+    for name, module, p, group in ((m.name, m.module, m.param, m.group) for m in matrices):
         shape = _matrix_shape(p, group["fan_in_fan_out"])
         shapes.append(shape)
         state = optimizer.state.get(p) or {}
@@ -236,7 +200,7 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
         "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "bias": "none",
-        "fan_in_fan_out": all(linear_shape(module)[2] for _, module, _, _ in matrices),
+        "fan_in_fan_out": all(linear_shape(m.module)[2] for m in matrices),
         "inference_mode": True,
         "init_weights": True,
         "layers_pattern": None,
@@ -250,7 +214,7 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
         "revision": None,
         "save_projection": bool(save_bases),
         "sparse": kind == "sparse",
-        "target_modules": _target_modules(model, [name for name, *_ in matrices]),
+        "target_modules": _target_modules(model, [m.name for m in matrices]),
         "task_type": None,
         "very_sparse": kind == "very_sparse",
     }
