@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from randopt.lorasqueeze.adapters import read_adapter_config
 from randopt.lorasqueeze.export import base_weights, randlora_matrices
 from randopt.randlora.bases import (BASIS_KINDS, RandLoRABases, bases_from_tensors, compute_fingerprint, make_bases,
                                     num_bases)
@@ -358,16 +359,8 @@ def _install(optimizer, bases: RandLoRABases, entries) -> None:
 
 
 def _read_config(adapter_dir: str) -> dict:
+    config = read_adapter_config(adapter_dir)
     path = os.path.join(adapter_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{adapter_dir} is not a PEFT adapter directory: it has no {CONFIG_NAME}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON (corrupted or truncated?): {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an adapter config object")
     peft_type = config.get("peft_type")
     if peft_type != "RANDLORA":
         raise ValueError(f"{adapter_dir} holds a {peft_type!r} adapter, not a RandLora one (peft_type 'RANDLORA')")

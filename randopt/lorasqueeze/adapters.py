@@ -98,8 +98,9 @@ def check_lora_config(config: dict, where: str) -> None:
             raise ValueError(f"{where} has {key}={value!r}, expected a positive number")
 
 
-def load_adapter_dir(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a PEFT LoRA adapter directory, with clear errors for anything else."""
+def read_adapter_config(path) -> dict:
+    """The ``adapter_config.json`` of a PEFT adapter directory (any PEFT type) as a dict, with clear errors for a
+    missing directory or file and for a corrupted or truncated one."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"adapter directory {path!r} does not exist or is not a directory")
@@ -109,10 +110,17 @@ def load_adapter_dir(path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path!r} is not valid JSON: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path!r} is not valid JSON (corrupted or truncated?): {error}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def load_adapter_dir(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of a PEFT LoRA adapter directory, with clear errors for anything else."""
+    path = os.fspath(path)
+    config = read_adapter_config(path)
     check_lora_config(config, repr(path))
     weights = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(weights):

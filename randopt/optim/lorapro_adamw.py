@@ -337,16 +337,23 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         gA_lora, gB_lora = gA_lora.to(dtype), gB_lora.to(dtype)
         grams = factor_grams(A_w, B_w, rcond)
         if group["mode"] == "efficient":
-            gA, gB = self._adjusted(group, A_w, B_w, gA_lora, gB_lora, grams)
-            if not _all_finite(gA_lora, gB_lora, gA, gB):
-                state["nonfinite_skips"] += 1
-                return
-            state["step"] += 1
-            step = int(state["step"])
-            _adamw_(A, gA, self.state[A], step, group)
-            _adamw_(B, gB, self.state[B], step, group)
+            adjusted = self._efficient_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+            if adjusted is not None:
+                gA, gB, step = adjusted
+                _adamw_(A, gA, self.state[A], step, group)
+                _adamw_(B, gB, self.state[B], step, group)
             return
         self._full_step(group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams)
+
+    def _efficient_gradients(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
+        """Efficient mode: ``(adjusted gA, adjusted gB, step)`` for the AdamW step of the factors, or None (and
+        the skip counted) when a gradient is not finite."""
+        gA, gB = self._adjusted(group, A_w, B_w, gA_lora, gB_lora, grams)
+        if not _all_finite(gA_lora, gB_lora, gA, gB):
+            state["nonfinite_skips"] += 1
+            return None
+        state["step"] += 1
+        return gA, gB, int(state["step"])
 
     def _full_step(self, group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams) -> None:
         gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
@@ -386,7 +393,8 @@ class LoRAProAdamW(PartitionAwareOptimizer):
     def metrics(self) -> dict[str, float]:
         """The last step's distance between the raw and the adjusted factor gradients, summed over pairs (the raw
         ones: LoRA's gradients in efficient mode, those of the Adam direction in full mode), absolute and
-        relative to the raw ones' norm. Logged by ``RandoptCallback``."""
+        relative to the raw ones' norm. Logged by ``RandoptCallback``. Under DeepSpeed in full mode each rank
+        adjusts only the pairs whose moments it holds, so each rank reports its own pairs."""
         moved, raw = (math.sqrt(float(t)) for t in self._adjustment)
         return {"lorapro/adjustment_distance": moved, "lorapro/relative_adjustment": moved / raw if raw else 0.0}
 
@@ -483,15 +491,13 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                 continue
             grams = factor_grams(A_w, B_w, rcond)
             if group["mode"] == "efficient":
-                gA, gB = self._adjusted(group, A_w, B_w, gA_lora, gB_lora, grams)
-                if not _all_finite(gA_lora, gB_lora, gA, gB):
-                    state["nonfinite_skips"] += 1
-                    continue
-                state["step"] += 1
-                for p, g in ((A, gA), (B, gB)):
-                    span = self._pending.get(id(p), (None, None))[0]
-                    if span is not None:
-                        self._step_fragment(p, g, span, int(state["step"]), group)
+                adjusted = self._efficient_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+                if adjusted is not None:
+                    gA, gB, step = adjusted
+                    for p, g in ((A, gA), (B, gB)):
+                        span = self._pending.get(id(p), (None, None))[0]
+                        if span is not None:
+                            self._step_fragment(p, g, span, step, group)
                 continue
             if owner:
                 gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
