@@ -47,6 +47,7 @@ from .state import (MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_
                     write_moment)
 
 COEFFICIENTS = ("lambda", "gamma")
+WEIGHT_UPDATES = ("stochastic", "exact")
 
 
 def matrix_view(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -85,15 +86,25 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                  weight_decay: float = 1e-2, *, rank: int | None = None, alpha: float | None = None,
                  seed: int = 0, basis_kind: str = "dense", fan_in_fan_out: bool = False,
                  fused_backward: bool = False, data_parallel: bool = False, state_dtype: str = "fp32",
-                 min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0):
+                 min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0, weight_update: str = "stochastic"):
         """``alpha`` defaults to ``20 * rank`` (scale 20, PEFT's recommendation). ``fused_backward`` projects
         each weight's gradient inside backward and frees it at once (gradient accumulation works: the
         projections add up). ``data_parallel`` averages the coefficient gradients (and plain parameters'
         gradients) over the default process group at each step: use it instead of DDP, so no full-size
         gradient is communicated. ``state_dtype`` is ``"fp32"``, ``"bf16"`` (first moments only) or
         ``"8bit"`` (block-wise quantised moments for tensors of at least ``min_8bit_size`` elements; see
-        ``randopt.optim.state``). ``rounding_seed`` seeds the stochastic rounding of bf16 weights."""
+        ``randopt.optim.state``). ``rounding_seed`` seeds the stochastic rounding of bf16 weights.
+
+        ``weight_update`` says how a matrix's update reaches its weight. ``"stochastic"`` adds
+        ``dW(new) - dW(old)`` to the weight, a bf16 weight rounding stochastically: unbiased, but the weight
+        drifts from ``W0 + dW`` by a random walk of rounding errors that grows with the steps. ``"exact"``
+        keeps a copy of the starting weight ``W0`` (in the weight's own dtype: one more weight's worth of
+        memory per trained matrix, in the optimizer state) and writes ``round(W0 + dW)`` at every step, so
+        the model always equals the adapter the coefficients describe (up to one rounding of the sum).
+        Both apply to matrices; plain parameters always get AdamW with stochastic rounding in bf16."""
         check_state_dtype(state_dtype)
+        if weight_update not in WEIGHT_UPDATES:
+            raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
         self.min_8bit_size = check_min_8bit_size(min_8bit_size)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, alpha=alpha,
                         seed=seed, basis_kind=basis_kind, fan_in_fan_out=fan_in_fan_out)
@@ -101,6 +112,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self.data_parallel = data_parallel
         self.state_dtype = state_dtype
         self.rounding_seed = rounding_seed
+        self.weight_update = weight_update
         self._bases: dict[tuple, RandLoRABases] = {}
         self._bases_on: dict[tuple, RandLoRABases] = {}
         self._group_of: dict[torch.Tensor, dict] = {}
@@ -461,19 +473,46 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         write_moment(state, f"{prefix}exp_avg_sq", v)
 
     def _step_matrix(self, p, group, state, grads, blocks) -> None:
-        """Coefficient AdamW, then ``dW(new) - dW(old)`` written into each owned block of the matrix."""
+        """Coefficient AdamW, then the new update written into each owned block of the matrix: the change
+        ``dW(new) - dW(old)`` added (``"stochastic"``) or ``round(W0 + dW(new))`` (``"exact"``)."""
         layer = self._layer(p, group)
         lam, gam = state["lambda"], state["gamma"]
+        scale = self._scale(group)
+        exact = self.weight_update == "exact"
         old_basis = scaled_basis(layer.A, lam, gam)
+        if exact and blocks and "base_weight" not in state:
+            state["base_weight"] = self._starting_weight(layer, old_basis, scale, blocks)
         for name, coefficient, grad in zip(COEFFICIENTS, (lam, gam), grads):
             self._adamw(coefficient, grad, state, f"{name}_", group)
         if not blocks:
             return
-        change_basis = scaled_basis(layer.A, lam, gam) - old_basis
-        scale = self._scale(group)
+        new_basis = scaled_basis(layer.A, lam, gam)
+        if exact:
+            for (_, weight, rows, cols), base in zip(blocks, self._base_blocks(state, blocks)):
+                weight.copy_(reconstruct(layer, new_basis, scale, rows=rows, cols=cols).add_(base))
+            return
+        change_basis = new_basis - old_basis
         for _, weight, rows, cols in blocks:
             change = reconstruct(layer, change_basis, scale, rows=rows, cols=cols)
             add_update_(weight, change, self._generator(weight.device))
+
+    @staticmethod
+    def _starting_weight(layer, basis, scale, blocks) -> torch.Tensor:
+        """``W0 = W - dW`` over the owned blocks, flat in block order and in the weight's dtype (``W`` itself
+        at a fresh start, where ``dW`` is zero; an imported adapter's coefficients are taken out)."""
+        parts = [(weight - reconstruct(layer, basis, scale, rows=rows, cols=cols).to(weight.dtype)).reshape(-1)
+                 for _, weight, rows, cols in blocks]
+        return torch.cat(parts)
+
+    @staticmethod
+    def _base_blocks(state, blocks) -> list[torch.Tensor]:
+        base = state["base_weight"]
+        sizes = [weight.numel() for _, weight, _, _ in blocks]
+        if sum(sizes) != base.numel():
+            raise RuntimeError(f"the starting weight kept for exact updates has {base.numel()} elements, but this "
+                               f"process now owns {sum(sizes)} of the matrix: the state was saved with a different "
+                               "partitioning")
+        return [part.view(weight.shape) for part, (_, weight, _, _) in zip(base.split(sizes), blocks)]
 
     def _step_plain(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         exact_dtype = torch.promote_types(weight.dtype, torch.float32)
