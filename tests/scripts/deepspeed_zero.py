@@ -69,7 +69,7 @@ CASES = [
     # name, model, zero config, gradient accumulation, clipping, how the optimizer reaches DeepSpeed, extra config
     dict(name="zero1", model="llama", zero={"stage": 1}, gas=1, clip=0.0, route="client"),
     dict(name="zero2", model="gpt2", zero={"stage": 2}, gas=2, clip=0.5, route="plugin"),
-    dict(name="zero3", model="llama", gas=1, clip=0.0, route="client", checkpoint=True,
+    dict(name="zero3", model="llama", gas=1, clip=0.0, route="client", checkpoint=True, weight_update="exact",
          zero={"stage": 3, "sub_group_size": 400, "stage3_param_persistence_threshold": 0}),
     dict(name="zero1_bf16", model="llama", zero={"stage": 1}, gas=1, clip=0.0, route="plugin",
          extra={"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}),
@@ -114,7 +114,8 @@ def make_engine(case, seed=0):
     else:
         rank = OPTIONS["rank"]
         options = {k: v for k, v in OPTIONS.items() if k != "rank"}
-        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=rank), rank=rank, **options)
+        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=rank), rank=rank,
+                                          weight_update=case.get("weight_update", "stochastic"), **options)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case, False))
     return engine
 
@@ -211,7 +212,8 @@ def reference(case, batches):
         optimizer = randopt.LoRAProAdamW(model, mode=case["mode"], **LORAPRO_OPTIONS)
     else:
         optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=OPTIONS["rank"]),
-                                          rank=OPTIONS["rank"], **options)
+                                          rank=OPTIONS["rank"], weight_update=case.get("weight_update", "stochastic"),
+                                          **options)
     losses, norms = [], []
     for batch in batches:
         loss = model(input_ids=batch, labels=batch).loss
