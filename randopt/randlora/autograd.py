@@ -11,6 +11,10 @@ two contraction orders from the layer shape and the token count:
 Saved for backward: the adapter input when ``B`` sits on the output side; when ``B`` sits on the input
 side (``in > out``) and the forward is factored, ``x_a @ B`` (``tokens x rN``, no larger than the input)
 instead, which makes the coefficient gradients one small product.
+
+The base weight is a tensor or a ``QuantizedWeight`` (bitsandbytes 4-bit/8-bit, ``quantized.py``): a packed
+weight is dequantized where a product needs it, in forward and again in backward, and only the packed handle
+is kept, so a quantized base costs its packed bytes and one transient dense matrix per product.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from .bases import LayerBases
 from .functional import coefficient_grads, matmul_flops, scaled_basis
+from .quantized import dense_weight
 
 
 def _backward_costs(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool,
@@ -65,13 +70,15 @@ def _canonical_delta(layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
     return layer.B @ basis
 
 
-def _merged_weight(weight: torch.Tensor, layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
-    if layer.transposed:
-        return torch.addmm(weight, basis.T, layer.B.T)
-    return torch.addmm(weight, layer.B, basis)
+def _merged_weight(weight, layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
+    dense = dense_weight(weight, basis.dtype)
+    product = (basis.T, layer.B.T) if layer.transposed else (layer.B, basis)
+    # a dequantized copy is ours to modify; a plain weight is the model's
+    return dense.addmm_(*product) if dense is not weight else torch.addmm(dense, *product)
 
 
-def _linear_into(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+def _linear_into(y: torch.Tensor, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    weight = dense_weight(weight, x.dtype)
     if bias is None:
         return torch.mm(x, weight.T, out=y)
     return torch.addmm(bias, x, weight.T, out=y)
@@ -116,13 +123,17 @@ class RandLoRALinearFunction(torch.autograd.Function):
         adapter_saved = (through_bases if keep_through_bases else xa2) if needs_coefficients else None
         ctx.layer, ctx.scale, ctx.same_input = layer, scale, same_input
         ctx.has_bias, ctx.through_bases = bias is not None, keep_through_bases
-        ctx.save_for_backward(x2 if needs_w else None, adapter_saved, weight if needs_x else None,
+        # a packed weight is a handle, not a tensor: it rides on ctx (its bytes are the layer's anyway)
+        packed = not isinstance(weight, torch.Tensor)
+        ctx.packed_weight = weight if packed and needs_x else None
+        ctx.save_for_backward(x2 if needs_w else None, adapter_saved, weight if needs_x and not packed else None,
                               lam, gam)
         return out
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, adapter_saved, weight, lam, gam = ctx.saved_tensors
+        weight = ctx.packed_weight if ctx.packed_weight is not None else weight
         layer, scale, same_input, through_bases = ctx.layer, ctx.scale, ctx.same_input, ctx.through_bases
         needs_x, needs_xa, needs_w, needs_b, needs_lam, needs_gam = ctx.needs_input_grad[:6]
         needs_input = needs_xa or (same_input and needs_x)
@@ -159,7 +170,7 @@ class RandLoRALinearFunction(torch.autograd.Function):
                 if needs_input:
                     grad_xa = (gB, basis)
         if needs_x and grad_x is None:
-            grad_x = g @ weight
+            grad_x = g @ dense_weight(weight, g.dtype)
             if same_input:
                 grad_x.addmm_(*grad_xa)
                 grad_xa = None

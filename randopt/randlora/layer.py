@@ -1,4 +1,8 @@
-"""RandLoRA adapter modules: a linear layer, injection by target module names, merge/unmerge/unload."""
+"""RandLoRA adapter modules: a linear layer, injection by target module names, merge/unmerge/unload.
+
+Base layers: ``nn.Linear``, transformers ``Conv1D``, and bitsandbytes ``Linear4bit`` (nf4/fp4) / ``Linear8bitLt``,
+whose weights stay packed (see ``quantized.py``); the coefficients then live in the layer's compute dtype.
+"""
 from __future__ import annotations
 
 import re
@@ -10,6 +14,7 @@ from torch import nn
 from .autograd import randlora_linear
 from .bases import RandLoRABases, check_rank, make_bases
 from .functional import delta_weight, init_coefficients
+from .quantized import QuantizedWeight, add_to_quantized, is_quantized
 
 
 def _conv1d_class():
@@ -31,9 +36,20 @@ def linear_shape(module: nn.Module):
     return None
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight viewed as ``out x in`` (a transpose view for ``Conv1D``)."""
+def weight_out_in(module: nn.Module):
+    """The module's weight viewed as ``out x in`` (a transpose view for ``Conv1D``; a ``QuantizedWeight`` for a
+    bitsandbytes layer)."""
+    if is_quantized(module.weight):
+        return QuantizedWeight(module)
     return module.weight.T if linear_shape(module)[2] else module.weight
+
+
+def _dtype_and_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Where the adapter of ``module`` lives: its weight's dtype, or a quantized layer's compute dtype."""
+    weight = weight_out_in(module)
+    if isinstance(weight, QuantizedWeight):
+        return weight.compute_dtype, weight.device
+    return weight.dtype, weight.device
 
 
 class SharedBases(nn.Module):
@@ -75,9 +91,8 @@ class RandLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.shared = shared
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = base_layer.weight
-        lam, gam = init_coefficients(self.out_features, self.in_features, rank, dtype=weight.dtype,
-                                     device=weight.device)
+        dtype, device = _dtype_and_device(base_layer)
+        lam, gam = init_coefficients(self.out_features, self.in_features, rank, dtype=dtype, device=device)
         if not init_weights:
             lam.normal_()
         self.randlora_lambda = nn.Parameter(lam)
@@ -102,16 +117,24 @@ class RandLoRALinear(nn.Module):
         return randlora_linear(x, weight_out_in(self.base_layer), self.base_layer.bias, lam, gam,
                                self.layer_bases, self.scaling, x_adapter=x_adapter)
 
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        if is_quantized(weight):
+            add_to_quantized(self.base_layer, delta)
+        else:
+            weight += delta.to(weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
+        """Add the update to the base weight (a quantized one is re-quantized, as PEFT does, with a warning)."""
         if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self._add_to_base(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self._add_to_base(-self.delta_weight())
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -171,8 +194,8 @@ def inject_randlora(model: nn.Module, target_modules, rank: int = 32, alpha: flo
         raise ValueError(f"bases have rank {bases.rank} but rank={rank} was asked for")
     for shape in set(shapes):
         bases.layer(*shape)  # a clear error now rather than at the first forward
-    weight = targets[0][1].weight
-    shared = SharedBases(bases.to(device=weight.device, dtype=weight.dtype))
+    dtype, device = _dtype_and_device(targets[0][1])
+    shared = SharedBases(bases.to(device=device, dtype=dtype))
     # build every adapter before replacing any layer, so that an error leaves the model as it was
     adapters = [(name, RandLoRALinear(module, shared, rank, alpha, dropout, init_weights)) for name, module in targets]
     for name, adapter in adapters:

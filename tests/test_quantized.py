@@ -1,0 +1,223 @@
+"""Quantized bases (bitsandbytes Linear4bit nf4/fp4, Linear8bitLt) on CPU: the RandLoRA module route against PEFT
+RandLora on the same quantized layers, what is saved for backward, merge/unmerge, LoRA-Pro over quantized LoRA,
+refusals of routes that must write a weight, and exports."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import randopt.randlora.autograd as autograd_core
+from conftest import LLAMA_TARGETS, tiny_llama
+from randopt.randlora import bases_from_tensors, inject_randlora, randlora_layers, unload_randlora
+from randopt.randlora.quantized import QuantizedWeight, is_quantized
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+RANK, ALPHA = 3, 5.0
+KINDS = ["nf4", "fp4", "nf4-bf16-storage", "int8"]
+
+
+def quantized_linear(linear: nn.Linear, kind: str) -> nn.Module:
+    """A bitsandbytes copy of ``linear`` (fp32 compute), quantized on CPU."""
+    bias = linear.bias is not None
+    weight = linear.weight.detach().float().clone()
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        quant_type, _, storage = kind.partition("-")
+        storage = torch.bfloat16 if storage else torch.uint8
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32,
+                                  quant_type=quant_type, quant_storage=storage)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, quant_storage=storage)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+def quantize(model: nn.Module, targets, kind: str) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized_linear(module, kind))
+    return model
+
+
+def quantized_llama(kind: str, seed: int = 0) -> nn.Module:
+    model = quantize(tiny_llama(torch.float32, seed), LLAMA_TARGETS, kind)
+    model.requires_grad_(False)
+    # what transformers sets when it loads a model quantized; PEFT picks its bitsandbytes layers from it
+    model.is_loaded_in_8bit, model.is_loaded_in_4bit = kind == "int8", kind != "int8"
+    return model
+
+
+@pytest.fixture(params=[(True, True), (False, False), (True, False), (False, True)],
+                ids=["merged", "factored", "fwd-merged-bwd-factored", "fwd-factored-bwd-merged"])
+def order(request, monkeypatch):
+    forward_merged, backward_merged = request.param
+    monkeypatch.setattr(autograd_core, "_forward_merged", lambda *a, **k: forward_merged)
+    monkeypatch.setattr(autograd_core, "_backward_merged", lambda *a, **k: backward_merged)
+
+
+def build_pair(kind: str):
+    """Our module route and PEFT RandLora on the same quantized model, same bases and random coefficients."""
+    ours = quantized_llama(kind)
+    theirs = peft.get_peft_model(copy.deepcopy(ours), peft.RandLoraConfig(
+        r=RANK, randlora_alpha=ALPHA, target_modules=LLAMA_TARGETS, init_weights=False))
+    theirs_layers = {n.replace("base_model.model.", ""): m for n, m in theirs.named_modules()
+                     if hasattr(m, "randlora_lambda") and "default" in m.randlora_lambda}
+    some = next(iter(theirs_layers.values()))
+    bases = bases_from_tensors(some.randlora_A["default"].float(), some.randlora_B["default"].float())
+    for layer in theirs_layers.values():  # PEFT keeps bf16 bases; ours are their fp32 values
+        layer.randlora_A["default"], layer.randlora_B["default"] = bases.A, bases.B
+    inject_randlora(ours, LLAMA_TARGETS, rank=RANK, alpha=ALPHA, bases=bases)
+    ours_layers = dict(randlora_layers(ours))
+    assert ours_layers.keys() == theirs_layers.keys() and ours_layers
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, layer in ours_layers.items():
+            assert is_quantized(layer.base_layer.weight) and not layer.base_layer.weight.requires_grad
+            for ours_p, theirs_p in ((layer.randlora_lambda, theirs_layers[name].randlora_lambda["default"]),
+                                     (layer.randlora_gamma, theirs_layers[name].randlora_gamma["default"])):
+                ours_p.copy_(torch.randn(ours_p.shape, generator=generator) * 0.3)
+                theirs_p.copy_(ours_p)
+    return ours, theirs, ours_layers, theirs_layers
+
+
+def probe_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Linear in the logits: the gradient reaching each layer does not depend on the base's matmul rounding."""
+    weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)
+    return (logits * weights).sum()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_route_matches_peft_on_quantized_layers(order, kind, tokens):
+    # (PEFT 0.21's bitsandbytes RandLora layers get dW's shape wrong in get_delta_weight, so only outputs and
+    # gradients are compared here; dW itself is compared with PEFT's plain layers in test_peft_parity)
+    ours, theirs, ours_layers, theirs_layers = build_pair(kind)
+    out_ours, out_theirs = ours(tokens).logits, theirs(input_ids=tokens).logits
+    # Linear4bit computes x @ dequantize(W)^T, as we do; Linear8bitLt rounds its input to int8 on the way
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-4, atol=1e-4 if kind != "int8" else 2e-2)
+    probe_loss(out_ours).backward()
+    probe_loss(out_theirs).backward()
+    tolerance = dict(rtol=1e-4, atol=1e-4) if kind != "int8" else dict(rtol=3e-2, atol=3e-2)
+    for name, layer in ours_layers.items():
+        theirs_layer = theirs_layers[name]
+        scale = theirs_layer.randlora_lambda["default"].grad.abs().max()
+        torch.testing.assert_close(layer.randlora_lambda.grad / scale,
+                                   theirs_layer.randlora_lambda["default"].grad / scale, **tolerance)
+        scale = theirs_layer.randlora_gamma["default"].grad.abs().max()
+        torch.testing.assert_close(layer.randlora_gamma.grad / scale,
+                                   theirs_layer.randlora_gamma["default"].grad / scale, **tolerance)
+
+
+def saved_for_backward(fn):
+    """Shapes and dtypes of the tensors autograd saves while ``fn`` runs its forward."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype, tensor.untyped_storage().data_ptr()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", [(256, 96), (96, 256)], ids=["out>in", "in>out"])
+def test_backward_saves_no_dequantized_base_and_no_square_tensor(order, kind, shape):
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    model = nn.Sequential(quantized_linear(nn.Linear(in_features, out_features), kind))
+    packed = model[0].weight
+    inject_randlora(model, ["0"], rank=8, init_weights=False)
+    x = torch.randn(6, in_features, requires_grad=True)
+    out, saved = saved_for_backward(lambda: model(x))
+    d = min(shape)
+    big = [s for s in saved if s[1].is_floating_point and torch.Size(s[0]).numel() >= d * d]
+    assert not big, f"saved for backward: {big}"
+    # the packed weight is all the base keeps: dequantized on the fly in backward, and still packed afterwards
+    out.square().sum().backward()
+    assert model[0].base_layer.weight is packed and is_quantized(packed)
+    layer = model[0]
+    assert x.grad is not None and layer.randlora_lambda.grad.abs().sum() > 0
+    # the input gradient goes through the same dequantized base the forward used
+    dense = QuantizedWeight(layer.base_layer).dequantize() + layer.delta_weight()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, dense, layer.base_layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5 * x2.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_peft_saves_a_square_tensor_where_we_do_not(kind):
+    """The comparison the previous test stands on: PEFT RandLora on the same layer saves a ~d x d scaled basis."""
+    torch.manual_seed(0)
+    base = nn.Sequential(quantized_linear(nn.Linear(96, 256), kind))
+    theirs = peft.get_peft_model(base, peft.RandLoraConfig(r=8, target_modules=["0"], init_weights=False))
+    _, saved = saved_for_backward(lambda: theirs(torch.randn(6, 96)))
+    assert any(torch.Size(s[0]).numel() >= 96 * 96 for s in saved if s[1].is_floating_point)
+
+
+def assert_quantized_as(layer: nn.Module, dense: torch.Tensor, kind: str) -> None:
+    """``layer``'s packed weight is ``dense`` quantized (up to a bin flipped by float rounding)."""
+    target = nn.Linear(dense.shape[1], dense.shape[0], bias=False)
+    target.weight.data = dense
+    reference = QuantizedWeight(quantized_linear(target, kind)).dequantize()
+    assert (QuantizedWeight(layer).dequantize() - reference).abs().gt(1e-6).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_merge_requantizes_and_unmerge_unload_behave(kind, tokens):
+    """Merge writes quantize(dequantize(W) + dW), what PEFT's bitsandbytes layers intend (PEFT 0.21's own merge
+    fails there: its get_delta_weight has the wrong shape); unmerge writes quantize(dequantize(W') - dW), so the
+    original weight comes back only up to the rounding (PEFT warns the same)."""
+    ours, _, layers, _ = build_pair(kind)
+    expected = ours(tokens).logits.detach()
+    before = {n: QuantizedWeight(m.base_layer).dequantize() for n, m in layers.items()}
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        for layer in layers.values():
+            layer.merge()
+    merged = {}
+    for name, layer in layers.items():
+        assert layer.merged and is_quantized(layer.base_layer.weight)
+        assert_quantized_as(layer.base_layer, before[name] + layer.delta_weight().detach(), kind)
+        merged[name] = QuantizedWeight(layer.base_layer).dequantize()
+    merged_out = ours(tokens).logits.detach()
+    assert not torch.equal(merged_out, expected)  # the merged base layer alone computes it
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        for layer in layers.values():
+            layer.unmerge()
+    for name, layer in layers.items():
+        assert not layer.merged and is_quantized(layer.base_layer.weight)
+        assert_quantized_as(layer.base_layer, merged[name] - layer.delta_weight().detach(), kind)
+        layer.merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = unload_randlora(ours)
+    assert not randlora_layers(plain)
+    assert all(is_quantized(m.weight) for n, m in plain.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS)
+    assert torch.isfinite(plain(tokens).logits).all()
+
+
+def test_trains_with_the_base_frozen_and_packed(tokens):
+    model = quantized_llama("nf4")
+    inject_randlora(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA)
+    packed = {n: m.base_layer.weight.detach().clone() for n, m in randlora_layers(model)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.is_floating_point() for p in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "randlora_" in n)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(tokens).logits[:, :-1].reshape(-1, 50),
+                                                 tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(m.base_layer.weight, packed[n]) for n, m in randlora_layers(model))
