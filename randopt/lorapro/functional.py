@@ -156,11 +156,13 @@ def equivalent_gradient(A: torch.Tensor, B: torch.Tensor, gA: torch.Tensor, gB: 
 
 
 def projected_gradient(A: torch.Tensor, B: torch.Tensor, gA_lora: torch.Tensor, gB_lora: torch.Tensor,
-                       scale: float, grams: Grams | None = None, rcond: float | None = None) -> torch.Tensor:
-    """``P_B g + (I - P_B) g P_A`` from the LoRA gradients alone (X = 0: X cancels in it)."""
+                       scale: float, grams: Grams | None = None, rcond: float | None = None,
+                       rows: slice = slice(None)) -> torch.Tensor:
+    """``P_B g + (I - P_B) g P_A`` from the LoRA gradients alone (X = 0: X cancels in it); only its ``rows`` (of
+    ``m``) when asked, at ``rows x n`` cost: row ``i`` needs row ``i`` of ``B`` and of the adjusted ``gB``."""
     grams = factor_grams(A, B, rcond) if grams is None else grams
     a0, b0, _ = _closed_form(A, B, gA_lora, gB_lora, scale, grams)
-    return equivalent_gradient(A, B, a0, b0, scale)
+    return equivalent_gradient(A, B[rows], a0, b0[rows], scale)
 
 
 def lora_gradients(A: torch.Tensor, B: torch.Tensor, full_grad: torch.Tensor,

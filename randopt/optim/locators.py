@@ -4,8 +4,9 @@ randopt's optimizers keep their per-matrix math apart from storage. A *locator* 
 parameter (the tensor the user handed to the optimizer):
 
 - ``shape(p)``: its full shape (ZeRO-3 empties ``p`` itself);
-- ``span(p)``: the contiguous run of its row-major elements this process updates, as a ``Span`` of 1-D
-  views into the master weight and its gradient, or None when this process owns none of it;
+- ``span(p)``: the contiguous run of its row-major elements this process updates, as a ``Span`` of views
+  into the master weight and its gradient (1-D, or shaped where the run is a whole tensor or shard), or None
+  when this process owns none of it;
 - ``blocks(p)``: the same span as at most three rectangles of ``p`` viewed as ``shape[0] x rest``
   (a partial first row, whole rows, a partial last row);
 - ``refresh(p)``: make the low-precision copy match after the span's weight was written outside the
@@ -13,7 +14,7 @@ parameter (the tensor the user handed to the optimizer):
 - ``process_group(p)``: the process group whose members own the other parts of ``p``;
 - ``carried(groups, params_of)``: which original parameters the current ``step()`` call carries.
 
-Three storages:
+Four storages:
 
 ``WholeTensors``
     Plain training: ``p.data`` and ``p.grad``, whole.
@@ -27,6 +28,13 @@ Three storages:
     is a view into it, and rank ``k`` owns elements ``[k * pn, (k + 1) * pn)`` of every parameter
     (``pn = p.partition_numel()``, the last rank's tail is padding).
 
+``DTensorShards``
+    torch FSDP2 (``torch.distributed.fsdp.fully_shard``). Parameters are DTensors sharded on dim 0 over a 1-D
+    device mesh; rank ``k`` owns rows ``[k * c, (k + 1) * c)`` (``c = ceil(rows / world)``, the last ranks fewer
+    or none), so a span is whole rows: one block. Gradients are the data-parallel average, reduce-scattered
+    the same way. One ``step()`` call is one real step. State shaped like a sharded parameter is kept as a
+    DTensor of the same sharding (``shard_like``), so ``torch.distributed.checkpoint`` saves and reshards it.
+
 DeepSpeed calls ``step()`` once per group (ZeRO 1/2) or per sub-group (ZeRO-3). ``RealStep`` tells the calls
 of one real step apart: a real step is complete once every trainable parameter was carried by a call. An
 optimizer that needs every part at once (a coefficient all-reduce, a LoRA pair) collects per call and acts on
@@ -35,24 +43,37 @@ the last one, writing into spans of earlier calls and refreshing them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor, Shard as _Shard
+except ImportError:  # torch built without distributed support
+    _DTensor = _Shard = None
 
 ParamsOf = Callable[[dict], list]
 
 
 @dataclass
 class Span:
-    """A contiguous run ``[start, start + numel)`` of a parameter's row-major elements."""
+    """A contiguous run ``[start, start + numel)`` of a parameter's row-major elements. ``sharded`` is the DTensor
+    the span is the local shard of (FSDP2): state shaped like the span is then kept in its sharding."""
     start: int
     weight: torch.Tensor
     grad: torch.Tensor | None
+    sharded: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
         return self.weight.numel()
+
+    @property
+    def state_like(self) -> torch.Tensor:
+        """What per-element state of the span is shaped like: the span, or the DTensor it shards."""
+        return self.weight if self.sharded is None else self.sharded
 
 
 @dataclass
@@ -102,6 +123,23 @@ def span_blocks(span: Span, shape) -> list[Block]:
 def logical_shape(p: torch.Tensor) -> tuple[int, ...]:
     """A parameter's full shape, also under ZeRO-3 (which replaces ``p`` by an empty placeholder)."""
     return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def is_dtensor(tensor) -> bool:
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this process holds: a DTensor's local shard (sharing its storage), else the tensor."""
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
+
+
+def shard_like(local: torch.Tensor, like: torch.Tensor, shape=None) -> torch.Tensor:
+    """``local`` as the local shard of a DTensor sharded like ``like`` (whose global shape is ``shape``, by default
+    ``like``'s own): how state of a sharded parameter is kept, so that DCP checkpoints see every rank's part."""
+    shape = tuple(like.shape) if shape is None else tuple(shape)
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return _DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=shape, stride=stride)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -254,9 +292,77 @@ class ZeRO3Partitions(_Partitions):
         return p.ds_process_group
 
 
+class DTensorShards:
+    """torch FSDP2 (``fully_shard``): each parameter a DTensor sharded on dim 0 over a 1-D mesh (see above)."""
+    distributed = True
+
+    def shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(p.shape)
+
+    def carried(self, groups: list[dict], params_of: ParamsOf) -> list[tuple[dict, list]]:
+        return [(group, list(params_of(group))) for group in groups]
+
+    @staticmethod
+    def check(p: torch.Tensor) -> None:
+        """Refuse what is not FSDP2's dim-0 sharding over one mesh dimension (HSDP, tensor parallel, ...)."""
+        if not is_dtensor(p):
+            raise RuntimeError(f"a parameter of shape {tuple(p.shape)} is a plain tensor while others are DTensors: "
+                               "shard every parameter the optimizer holds with fully_shard")
+        if p.device_mesh.ndim != 1 or len(p.placements) != 1 or p.placements[0] != _Shard(0):
+            raise RuntimeError(f"a DTensor parameter of shape {tuple(p.shape)} has placements {p.placements} on a "
+                               f"{p.device_mesh.ndim}-D mesh; randopt supports FSDP2's sharding on dim 0 over a "
+                               "1-D mesh (fully_shard without HSDP or tensor parallelism)")
+
+    @staticmethod
+    def row_start(p: torch.Tensor) -> int:
+        """The first row of ``p`` this rank holds (``torch.chunk``'s split of dim 0, as FSDP2 shards)."""
+        rows, world = p.shape[0], p.device_mesh.size()
+        chunk = -(-rows // world)
+        start = min(p.device_mesh.get_local_rank() * chunk, rows)
+        held = p._local_tensor.shape[0]
+        if held != min(chunk, rows - start):
+            raise RuntimeError(f"a DTensor parameter of shape {tuple(p.shape)} holds {held} rows on this rank, but "
+                               f"an even dim-0 split over {world} ranks gives {min(chunk, rows - start)}")
+        return start
+
+    def rows(self, p: torch.Tensor) -> slice:
+        """The rows of ``p`` this rank holds (maybe none)."""
+        start = self.row_start(p)
+        return slice(start, start + p._local_tensor.shape[0])
+
+    def span(self, p: torch.Tensor) -> Span | None:
+        """The local shard, in the parameter's own shape (elementwise updates do not care); also an empty one, so
+        that every rank keeps state for every parameter, as DCP checkpoints expect."""
+        local = p._local_tensor
+        grad = None if p.grad is None else local_part(p.grad)
+        return Span(self.row_start(p) * math.prod(p.shape[1:]), local, grad, sharded=p)
+
+    def blocks(self, p: torch.Tensor) -> list[Block]:
+        local = p._local_tensor
+        if local.numel() == 0:
+            return []
+        grad = None if p.grad is None else as_2d(local_part(p.grad))
+        return [Block(self.row_start(p), 0, as_2d(local), grad)]
+
+    def refresh(self, p: torch.Tensor) -> None:
+        pass  # FSDP2 gathers (and casts) from the sharded parameter at every forward
+
+    def process_group(self, p: torch.Tensor):
+        return p.device_mesh.get_group()
+
+
+def _check_not_fsdp1(params) -> None:
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise RuntimeError("this optimizer's parameters were flattened by FSDP1 (FullyShardedDataParallel): their "
+                           "matrix shapes are gone, so RandLoRA/LoRA-Pro cannot work on them. Shard the model with "
+                           "FSDP2 (torch.distributed.fsdp.fully_shard, or fsdp_version=2 in accelerate / the "
+                           "Trainer's fsdp_config) instead")
+
+
 def locator_for(groups: list[dict], params_of: ParamsOf, previous=None):
     """The locator matching how ``groups`` hold their parameters now: whole tensors unless DeepSpeed replaced them.
 
+    FSDP2's DTensors are located by ``DTensorShards``; FSDP1's flattened parameters are refused.
     ``previous`` (the locator of the last call) is returned when it is of the right kind: a DeepSpeed locator
     remembers where the spans of earlier calls of the real step live, which the last call writes and refreshes."""
     replaced = False
@@ -267,7 +373,16 @@ def locator_for(groups: list[dict], params_of: ParamsOf, previous=None):
         current = group["params"]
         if len(current) != len(mine) or any(a is not b for a, b in zip(current, mine)):
             replaced = True
-    if not replaced:
+    current = [p for group in groups for p in group["params"]]
+    _check_not_fsdp1(current)
+    if any(is_dtensor(p) for p in current):
+        if replaced:
+            raise RuntimeError("this optimizer's parameter groups hold DTensors other than the parameters it was "
+                               "given: the optimizer was not told about the swap")
+        for p in current:
+            DTensorShards.check(p)
+        kind = DTensorShards
+    elif not replaced:
         kind = WholeTensors
     elif any(hasattr(p, "ds_id") for p in originals):
         kind = ZeRO3Partitions

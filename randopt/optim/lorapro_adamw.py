@@ -42,7 +42,7 @@ from torch import nn
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
 from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
-from .locators import logical_shape
+from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
 from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
                     write_moment)
@@ -367,9 +367,16 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _full_update(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
         """Full mode's moments of the equivalent gradient and the adjusted factor updates of their Adam direction."""
+        gA_d, gB_d = self._direction_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+        return self._adjusted(group, A_w, B_w, gA_d, gB_d, grams)
+
+    def _direction_gradients(self, group, state, A_w, B_w, gA_lora, gB_lora, grams, rows=slice(None)):
+        """Full mode's moments of the equivalent gradient (its ``rows`` of W, where this rank holds only those) and
+        what LoRA's factors would get for their Adam direction: for a row block, ``B``'s share of ``A``'s gradient
+        (partial sums over the row blocks) and ``B``'s gradient on those rows."""
         scale = group["lora_scale"]
         beta1, beta2 = group["betas"]
-        g_equiv = projected_gradient(A_w, B_w, gA_lora, gB_lora, scale, grams)
+        g_equiv = projected_gradient(A_w, B_w, gA_lora, gB_lora, scale, grams, rows=rows)
         state["step"] += 1
         step = int(state["step"])
         exp_avg, exp_avg_sq = (read_moment(state, n) for n in _FULL_MOMENTS)
@@ -377,8 +384,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         write_moment(state, _FULL_MOMENTS[0], exp_avg)
         write_moment(state, _FULL_MOMENTS[1], exp_avg_sq)
         direction = adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"]).to(A_w.dtype)
-        gA_d, gB_d = lora_gradients(A_w, B_w, direction, scale)
-        return self._adjusted(group, A_w, B_w, gA_d, gB_d, grams)
+        return lora_gradients(A_w, B_w[rows], direction, scale)
 
     def _adjusted(self, group, A_w, B_w, gA_raw, gB_raw, grams):
         """LoRA-Pro's adjusted factor gradients, recording how far they moved from the raw ones (``metrics``)."""
@@ -432,7 +438,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         if not state:
             state["step"] = _new_step()
             for name in _MOMENTS:
-                self._init_moment(state, name, span.weight)
+                self._init_moment(state, name, span.state_like)
         self._check_span(logical_shape(p), state, span)
         state["step"] += 1
         _adamw_(span.weight, span.grad, state, int(state["step"]), group)
@@ -466,25 +472,29 @@ class LoRAProAdamW(PartitionAwareOptimizer):
             offset += 2 * numel
             span, span_grad = self._pending.get(id(p), (None, None))
             if span is not None:
-                weight.narrow(0, span.start, span.numel).copy_(span.weight)
+                weight.narrow(0, span.start, span.numel).copy_(span.weight.reshape(-1))
                 if span_grad is not None:
-                    grad.narrow(0, span.start, span.numel).copy_(span_grad)
+                    grad.narrow(0, span.start, span.numel).copy_(span_grad.reshape(-1))
             shape = locator.shape(p)
             whole[p] = (weight.view(shape), grad.view(shape))
         self._all_reduce_(flat, process_group)
         # 2. the math. Efficient mode: every rank adjusts (r-sized work) and runs AdamW on its own fragments.
-        # Full mode: pair i's m x n moments live on rank i % world only; the owner computes the adjusted factor
-        # updates, and one all-reduce (sum, zeros from the others) hands them to every rank.
+        # Full mode under ZeRO: pair i's m x n moments live on rank i % world only; the owner computes the adjusted
+        # factor updates, and one all-reduce (sum, zeros from the others) hands them to every rank. Full mode under
+        # FSDP2: every rank holds the moments' rows that match its rows of B (a DTensor sharded like W), computes
+        # their share of the direction's factor gradients (partial sums for A, its rows for B); after the all-reduce
+        # every rank adjusts them (r-sized work). Nothing m x n is communicated either way.
         updates = torch.zeros(sum(sizes), dtype=dtype, device=device)
-        update_of, offset, full_pairs = {}, 0, []
+        update_of, offset, full_pairs, grams_of = {}, 0, [], {}
+        row_sharded = isinstance(locator, DTensorShards)
         for p, numel in zip(factors, sizes):
             update_of[p] = updates.narrow(0, offset, numel).view(locator.shape(p))
             offset += numel
         for index, group in enumerate(pairs):
             A, B = self._params_of(group)
             (A_w, gA_lora), (B_w, gB_lora) = whole[A], whole[B]
-            owner = index % world == rank
-            state = self._sharded_pair_state(A, group["mode"], owner, A_w, B_w)
+            owner = row_sharded or index % world == rank
+            state = self._sharded_pair_state(A, B, group["mode"], owner, A_w, B_w, locator)
             rcond = group["rcond"]
             if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):
                 state["nonfinite_skips"] += 1
@@ -499,7 +509,13 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                         if span is not None:
                             self._step_fragment(p, g, span, step, group)
                 continue
-            if owner:
+            if row_sharded:
+                rows = locator.rows(B)
+                gA_d, gB_d = self._direction_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams, rows)
+                update_of[A].copy_(gA_d)
+                update_of[B][rows] = gB_d
+                grams_of[id(group)] = grams
+            elif owner:
                 gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
                 update_of[A].copy_(gA)
                 update_of[B].copy_(gB)
@@ -511,11 +527,14 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         for group in full_pairs:
             A, B = self._params_of(group)
             A_w, B_w = whole[A][0], whole[B][0]
-            self._decay_and_descend(group, A_w, B_w, update_of[A], update_of[B])
+            gA, gB = update_of[A], update_of[B]
+            if row_sharded:
+                gA, gB = self._adjusted(group, A_w, B_w, gA, gB, grams_of[id(group)])
+            self._decay_and_descend(group, A_w, B_w, gA, gB)
             for p, new in ((A, A_w), (B, B_w)):
                 span = self._pending.get(id(p), (None, None))[0]
                 if span is not None:
-                    span.weight.copy_(new.reshape(-1).narrow(0, span.start, span.numel))
+                    span.weight.copy_(new.reshape(-1).narrow(0, span.start, span.numel).view_as(span.weight))
             base_weight = self._base_weights.get(A)
             if base_weight is not None and group["weight_decay"]:
                 _decay_base_weight_(base_weight, 1 - group["lr"] * group["weight_decay"])
@@ -524,13 +543,15 @@ class LoRAProAdamW(PartitionAwareOptimizer):
             if self._pending.get(id(p), (None, None))[0] is not None and self._real_step.earlier_call(p):
                 locator.refresh(p)
 
-    def _sharded_pair_state(self, A, mode, owner, A_w, B_w):
+    def _sharded_pair_state(self, A, B, mode, owner, A_w, B_w, locator):
         state = self.state[A]
         if not state:
             state["step"] = _new_step()
             state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
             if mode == "full" and owner:
                 shape_of_w = A_w.new_zeros(()).expand(B_w.shape[0], A_w.shape[1])
+                if isinstance(locator, DTensorShards):  # the rows of W this rank holds of B
+                    shape_of_w = shard_like(shape_of_w[locator.rows(B)], B, shape=shape_of_w.shape)
                 for name in _FULL_MOMENTS:
                     self._init_moment(state, name, shape_of_w)
         if mode == "full" and owner != (_FULL_MOMENTS[0] in state or _FULL_MOMENTS[0] + CODES in state):
@@ -543,9 +564,10 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         state = self.state[p]
         if _MOMENTS[0] not in state and _MOMENTS[0] + CODES not in state:
             for name in _MOMENTS:
-                self._init_moment(state, name, span.weight)
+                self._init_moment(state, name, span.state_like)
         self._check_span(logical_shape(p), state, span)
-        _adamw_(span.weight, grad.reshape(-1).narrow(0, span.start, span.numel), state, step, group)
+        _adamw_(span.weight, grad.reshape(-1).narrow(0, span.start, span.numel).view_as(span.weight), state, step,
+                group)
 
     @property
     def skipped_steps(self) -> dict[str, int]:
@@ -561,8 +583,14 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def state_dict(self) -> dict:
         """As ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions also under DeepSpeed
-        (each rank saves its own: fragment moments, and full mode's moments of the pairs it is assigned)."""
-        return self._state_dict_by_originals()
+        (each rank saves its own: fragment moments, and full mode's moments of the pairs it is assigned). Full mode
+        keeps a pair's state with A; B is listed with an empty state, so that strict loading through
+        ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` finds every trainable parameter."""
+        state_dict = self._state_dict_by_originals()
+        for group in state_dict["param_groups"]:
+            if group["lora_scale"] is not None and group["params"][0] in state_dict["state"]:
+                state_dict["state"].setdefault(group["params"][1], {})
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["param_groups"]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from .locators import RealStep, Span, locator_for
+from .locators import DTensorShards, RealStep, Span, is_dtensor, locator_for
 
 
 class PartitionAwareOptimizer(Optimizer):
@@ -46,10 +46,38 @@ class PartitionAwareOptimizer(Optimizer):
             group["params"] = [replaced.get(p, p) for p in group["params"]]
             if id(group) in self._originals:
                 self._originals[id(group)] = [replaced.get(p, p) for p in self._originals[id(group)]]
+        self._parameters_replaced(replaced)
+
+    def _parameters_replaced(self, replaced: dict) -> None:
+        """Subclasses re-key what they remember per parameter."""
 
     def _update_locator(self):
-        self._locator = locator_for(self.param_groups, self._params_of, self._locator)
-        return self._locator
+        self._adopt_sharded_parameters()
+        locator = locator_for(self.param_groups, self._params_of, self._locator)
+        if isinstance(locator, DTensorShards) and getattr(self, "state_dtype", None) == "8bit":
+            raise ValueError("state_dtype='8bit' is not supported under FSDP2 (fully_shard): use 'fp32' or 'bf16'")
+        self._locator = locator
+        return locator
+
+    def _adopt_sharded_parameters(self) -> None:
+        """Take the DTensors that replaced this optimizer's parameters in its groups as its parameters: accelerate
+        (and the Trainer through it) swaps them in when the optimizer was created before ``fully_shard``."""
+        replaced = {}
+        for group in self._all_groups:
+            given, current = self._originals[id(group)], group["params"]
+            if len(given) != len(current) or any(is_dtensor(p) for p in given):
+                continue
+            if all(is_dtensor(new) and new.shape == old.shape for old, new in zip(given, current)):
+                replaced.update((old, new) for old, new in zip(given, current) if old is not new)
+        if not replaced:
+            return
+        stepped = [tuple(old.shape) for old in replaced if self.state.get(old)]
+        if stepped:
+            raise RuntimeError(f"parameters of shapes {stepped} were sharded with fully_shard after this optimizer "
+                               "had stepped them; shard the model before the first step")
+        for old in replaced:
+            self.state.pop(old, None)
+        self.replace_parameters(replaced)
 
     # ----- one of DeepSpeed's per-group calls ---------------------------------------------------------------
     def _sharded_call(self, locator, visit: Callable[[dict, torch.Tensor], None]) -> None:
@@ -75,7 +103,10 @@ class PartitionAwareOptimizer(Optimizer):
 
     @staticmethod
     def _check_span(shape, state: dict, span: Span) -> None:
-        """Record which elements of a parameter this rank's state covers; refuse state from another partitioning."""
+        """Record which elements of a parameter this rank's state covers; refuse state from another partitioning.
+        DTensor state (FSDP2) carries its sharding itself, and checkpoints reshard it: nothing to record."""
+        if span.sharded is not None:
+            return
         where = torch.tensor([span.start, span.numel], dtype=torch.int64)
         if "span" not in state:
             state["span"] = where

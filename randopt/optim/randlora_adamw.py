@@ -40,7 +40,7 @@ import torch.distributed as dist
 from ..randlora.bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
 from .functional import adamw_step_, check_hyperparameters
-from .locators import Block, WholeTensors, logical_shape
+from .locators import Block, DTensorShards, WholeTensors, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
 from .state import (MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
@@ -201,6 +201,12 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             if self.fused_backward and self._is_matrix(p, group):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._project_in_backward))
 
+    def _parameters_replaced(self, replaced: dict) -> None:
+        for table in (self._shapes, self._group_of):
+            for old, new in replaced.items():
+                if old in table:
+                    table[new] = table.pop(old)
+
     def bases_for(self, group: dict, device, dtype) -> RandLoRABases:
         key = (self._bases_key(group), str(device), dtype)
         bases = self._bases_on.get(key)
@@ -295,8 +301,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             for name, coefficient in zip(COEFFICIENTS, (lam, gam)):
                 self._init_moments(state, f"{name}_", coefficient)
         else:
-            shape = self._shape(p) if like is None else like.shape
-            self._init_moments(state, "", torch.empty(shape, dtype=dtype, device=p.device))
+            like = torch.empty(self._shape(p), dtype=dtype, device=p.device) if like is None else like
+            self._init_moments(state, "", like)
         return state
 
     def _init_moments(self, state: dict, prefix: str, like: torch.Tensor) -> None:
@@ -353,8 +359,11 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         locator = self._update_locator()
         if locator.distributed:
             if self.fused_backward:
-                raise RuntimeError("fused_backward=True cannot be used under DeepSpeed ZeRO, which owns the "
+                raise RuntimeError("fused_backward=True cannot be used under DeepSpeed ZeRO or FSDP, which own the "
                                    "gradients: create RandLoRAAdamW with fused_backward=False")
+            if self.weight_update == "exact" and isinstance(locator, DTensorShards):
+                raise ValueError("weight_update='exact' is not supported under FSDP2 (fully_shard) yet: use "
+                                 "weight_update='stochastic'")
             self._sharded_call(locator, lambda group, p: self._visit(locator, group, p))
         else:
             self._whole_step()
@@ -455,7 +464,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
 
     def _step_span(self, p: torch.Tensor, group: dict, span) -> None:
         """Plain AdamW on the part of a plain parameter this rank owns (moments sized like that part)."""
-        state = self._init_state(p, group, like=span.weight)
+        state = self._init_state(p, group, like=span.state_like)
         self._check_span(self._shape(p), state, span)
         grad = span.grad.to(coefficient_dtype(p))
         if not bool(grad.isfinite().all()):

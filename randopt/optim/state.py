@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from .locators import is_dtensor, local_part, shard_like
+
 STATE_DTYPES = ("fp32", "bf16", "8bit")
 BLOCK_SIZE = 256
 MIN_8BIT_SIZE = 4096
@@ -66,7 +68,16 @@ def init_moment(state: dict, name: str, like: torch.Tensor, state_dtype: str = "
     """A zero moment shaped like ``like``, stored as ``state_dtype`` asks.
 
     bf16 applies to first moments only: a bf16 second moment cannot decay (``v * 0.999`` rounds back to ``v``).
+    A DTensor ``like`` (FSDP2) gives a DTensor moment of the same sharding; ``read_moment``/``write_moment`` work
+    on its local shard.
     """
+    if is_dtensor(like):
+        if state_dtype == "8bit" and like.numel() >= min_8bit_size:
+            raise ValueError("state_dtype='8bit' is not supported for DTensor (FSDP2) parameters")
+        local = {}
+        init_moment(local, name, local_part(like), state_dtype, min_8bit_size)
+        state[name] = shard_like(local[name], like)
+        return
     if state_dtype == "8bit" and like.numel() >= min_8bit_size:
         codes, absmax = quantize(torch.zeros(like.shape, dtype=torch.float32, device=like.device),
                                  signed=not _is_second_moment(name))
@@ -81,7 +92,7 @@ def init_moment(state: dict, name: str, like: torch.Tensor, state_dtype: str = "
 def read_moment(state: dict, name: str) -> torch.Tensor:
     if name + CODES in state:
         return dequantize(state[name + CODES], state[name + ABSMAX], signed=not _is_second_moment(name))
-    stored = state[name]
+    stored = local_part(state[name])
     return stored if stored.dtype in (torch.float32, torch.float64) else stored.float()
 
 
@@ -91,7 +102,7 @@ def write_moment(state: dict, name: str, value: torch.Tensor) -> None:
         state[name + CODES].copy_(codes)
         state[name + ABSMAX].copy_(absmax)
         return
-    stored = state[name]
+    stored = local_part(state[name])
     if value is not stored:
         stored.copy_(value)
 
