@@ -221,3 +221,97 @@ def test_trains_with_the_base_frozen_and_packed(tokens):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(m.base_layer.weight, packed[n]) for n, m in randlora_layers(model))
+
+
+# ----- LoRA-Pro over a quantized PEFT LoRA model ------------------------------------------------------------------
+def quantized_lora(kind: str):
+    """PEFT LoRA on the quantized Llama, and the same LoRA model on its dequantized (fp32) base."""
+    torch.manual_seed(5)
+    model = peft.get_peft_model(quantized_llama(kind), peft.LoraConfig(
+        r=2, lora_alpha=3.0, target_modules=LLAMA_TARGETS, lora_dropout=0.0, init_lora_weights=False))
+    dequantized = copy.deepcopy(model)
+    for module in dequantized.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and is_quantized(getattr(base, "weight", None)):
+            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+            plain.weight.data = QuantizedWeight(base).dequantize()
+            module.base_layer = plain.requires_grad_(False)
+    return model, dequantized
+
+
+def lora_loss(model, tokens):
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_lorapro_on_a_quantized_base_follows_the_dequantized_base(kind, mode, tokens):
+    from randopt import LoRAProAdamW
+    model, dequantized = quantized_lora(kind)
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_quantized(p)}
+    assert packed
+    runs = []
+    for m in (model, dequantized):
+        opt = LoRAProAdamW(m, lr=1e-2, weight_decay=0.0, mode=mode)
+        losses = []
+        for _ in range(4):
+            opt.zero_grad()
+            loss = lora_loss(m, tokens)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append(losses)
+    assert runs[0][-1] < runs[0][0]
+    torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=1e-4, atol=1e-5)
+    factors = {n: p for n, p in dequantized.named_parameters() if "lora_" in n}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, factors[name], rtol=1e-3, atol=1e-5)
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-bf16-storage", "int8"])
+def test_lorapro_full_mode_never_writes_a_quantized_base(kind, tokens):
+    """Weight decay in full mode scales W0 in place on a float base; a packed W0 (even one stored as bf16 bytes,
+    which looks like a float tensor) is left alone, with a warning that the decay covers the LoRA update only."""
+    from randopt import LoRAProAdamW
+    model, _ = quantized_lora(kind)
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_quantized(p)}
+    with pytest.warns(UserWarning, match="cannot take a written update"):
+        opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.5, mode="full")
+    for _ in range(2):
+        opt.zero_grad()
+        lora_loss(model, tokens).backward()
+        opt.step()
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no decay asked for: nothing to warn about
+        LoRAProAdamW(model, lr=1e-2, weight_decay=0.0, mode="full")
+        LoRAProAdamW(model, lr=1e-2, weight_decay=0.5, mode="efficient")
+
+
+# ----- routes that write weights refuse quantized ones -----------------------------------------------------------
+def test_randlora_adamw_refuses_quantized_targets_and_points_to_the_module_route():
+    from randopt import RandLoRAAdamW, param_groups
+    model = quantized_llama("nf4")
+    with pytest.raises(ValueError, match=r"cannot take a written update.*inject_randlora"):
+        param_groups(model, LLAMA_TARGETS, rank=2)
+    # mixed with full-precision targets: refused too, naming the quantized ones, never skipped in silence
+    mixed = quantize(tiny_llama(torch.float32), ["q_proj"], "nf4")
+    with pytest.raises(ValueError, match=r"q_proj.*quantized bitsandbytes"):
+        param_groups(mixed, ["q_proj", "v_proj"], rank=2)
+    packed = next(p for p in model.parameters() if is_quantized(p))
+    for params in ([packed], [{"params": [packed], "rank": None}]):
+        with pytest.raises(ValueError, match="RandLoRAAdamW: .*quantized bitsandbytes"):
+            RandLoRAAdamW(params, rank=2)
+
+
+def test_lorapro_refuses_a_quantized_weight_in_a_plain_group():
+    from randopt import LoRAProAdamW, lorapro_groups
+    model, _ = quantized_lora("nf4-bf16-storage")
+    packed = next(p for p in model.parameters() if is_quantized(p))
+    assert packed.is_floating_point()  # bf16 storage: a float tensor that AdamW would silently corrupt
+    A = nn.Parameter(torch.randn(2, 16))
+    B = nn.Parameter(torch.randn(16, 2))
+    with pytest.raises(ValueError, match="LoRAProAdamW: .*quantized bitsandbytes"):
+        LoRAProAdamW(lorapro_groups([(A, B, 1.0)]) + [{"params": [packed]}])

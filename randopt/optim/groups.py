@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..randlora.layer import find_targets, linear_shape
+from ..randlora.quantized import refuse_quantized
 
 
 def param_groups(model: nn.Module, target_modules, rank: int = 32, **randlora_options) -> list[dict]:
@@ -14,7 +15,9 @@ def param_groups(model: nn.Module, target_modules, rank: int = 32, **randlora_op
     Extra keyword options (``alpha``, ``seed``, ``basis_kind``, ``lr``, ...) apply to the RandLoRA groups.
     """
     linear, conv1d = [], []
-    for name, module in find_targets(model, target_modules):
+    targets = find_targets(model, target_modules)
+    refuse_quantized([(name, module.weight) for name, module in targets], f"target_modules={target_modules!r}")
+    for name, module in targets:
         if module.weight.requires_grad:
             (conv1d if linear_shape(module)[2] else linear).append(module.weight)
     if not linear and not conv1d:

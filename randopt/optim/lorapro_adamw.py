@@ -42,6 +42,7 @@ from torch import nn
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
 from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
+from ..randlora.quantized import is_quantized, refuse_quantized
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
 from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
@@ -73,8 +74,21 @@ def _active_adapters(module) -> list[str]:
 def _base_weight(module):
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base_layer", None)
     weight = getattr(base, "weight", None)
-    # quantized base weights cannot be decayed in place; full mode then decays the LoRA part only
+    if is_quantized(weight):  # also a Params4bit stored as bf16: floating point, but packed bytes
+        return weight
     return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2 else None
+
+
+def _base_to_decay(base_weight, group: dict):
+    """The ``W0`` full mode's weight decay scales in place, or None. A quantized ``W0`` cannot take a written update:
+    it is left as it is (full mode's decay then applies to the LoRA update only), with a warning when decay is on."""
+    if not is_quantized(base_weight):
+        return base_weight
+    if group["mode"] == "full" and group["weight_decay"]:
+        warnings.warn("LoRAProAdamW: a LoRA layer's base weight is quantized (bitsandbytes) and cannot take a written "
+                      "update, so full mode's weight decay is applied to the LoRA update only, not to W0",
+                      stacklevel=4)
+    return None
 
 
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
@@ -247,7 +261,12 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         base_weight = group.pop("base_weight", None)
         merged = {**self.defaults, **group}
         self._check_options(merged)
-        if merged["lora_scale"] is not None:
+        base_weight = _base_to_decay(base_weight, merged)
+        if merged["lora_scale"] is None:
+            params = group["params"]
+            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            refuse_quantized([(f"params[{i}]", p) for i, p in enumerate(group["params"])], "LoRAProAdamW")
+        else:
             params = list(group["params"])
             if len(params) != 2:
                 raise ValueError(f"{merged['name']}: a LoRA pair group holds params [A, B], got {len(params)}")

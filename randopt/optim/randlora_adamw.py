@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from ..randlora.bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
+from ..randlora.quantized import refuse_quantized
 from .functional import adamw_step_, check_hyperparameters
 from .locators import Block, DTensorShards, WholeTensors, logical_shape
 from .partitioned import PartitionAwareOptimizer
@@ -138,6 +139,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         return group["rank"], group["seed"], group["basis_kind"]
 
     def _validate_group(self, group: dict, params: list) -> None:
+        # first: a packed weight's shape is its storage's, which would make every other message misleading
+        refuse_quantized([(f"params[{i}] {tuple(p.shape)}", p) for i, p in enumerate(params)], "RandLoRAAdamW")
         check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if group["rank"] is not None:
             rank = check_rank(group["rank"])

@@ -104,3 +104,16 @@ def add_to_quantized(module: nn.Module, delta: torch.Tensor) -> None:
     quantized = QuantizedWeight(module)
     dense = quantized.dequantize(torch.promote_types(delta.dtype, torch.float32))
     quantized.requantize(dense.add_(delta.to(dense.dtype)))
+
+
+def refuse_quantized(named_weights, where: str) -> None:
+    """A ``ValueError`` naming the quantized weights among ``(name, weight)`` pairs, for routes that write weights."""
+    quantized = [name for name, weight in named_weights if is_quantized(weight)]
+    if quantized:
+        more = f" and {len(quantized) - 5} more" if len(quantized) > 5 else ""
+        raise ValueError(f"{where}: {quantized[:5]}{more} hold quantized bitsandbytes weights, which cannot take a "
+                         "written update (each optimizer step writes W += dW, and a packed 4-/8-bit weight has no "
+                         "room for it). Train a quantized base through the module route instead: "
+                         "randopt.inject_randlora(model, target_modules, rank=...) puts RandLoRA coefficients beside "
+                         "the frozen quantized base, for any optimizer (e.g. torch.optim.AdamW); or use "
+                         "LoRAProAdamW on a PEFT LoRA model")
