@@ -41,8 +41,8 @@ from torch import nn
 
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
-from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
 from ..randlora.quantized import is_quantized, refuse_quantized
+from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
 from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
