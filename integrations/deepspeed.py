@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import json
 import os
 
 from torch import nn
 
 from randopt.optim.groups import param_groups
+from randopt.validation import keyword_arguments, target_modules
 
 CONFIG_KEY = "randopt"
 BLOCK_KEYS = ("optimizer", "params", "target_modules")
@@ -59,13 +59,6 @@ def optimizer_class(name: str):
         raise ValueError(f'"{CONFIG_KEY}.optimizer" must be one of {sorted(OPTIMIZERS)}, got {name!r}')
     module, _, attribute = OPTIMIZERS[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
-
-
-def accepted_params(cls) -> list[str]:
-    """Keyword arguments of an optimizer's constructor, other than ``params``."""
-    signature = inspect.signature(cls.__init__)
-    return [n for n, p in signature.parameters.items() if n not in ("self", "params")
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def load_config(config) -> dict:
@@ -90,11 +83,15 @@ def _check_block(block) -> tuple[type, dict, object]:
     params = block.get("params", {})
     if not isinstance(params, dict):
         raise ValueError(f'"{CONFIG_KEY}.params" must be a JSON object, got {type(params).__name__}')
-    allowed = accepted_params(cls)
+    allowed = keyword_arguments(cls)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f'unknown parameter(s) {unknown} for {block["optimizer"]} in "{CONFIG_KEY}.params"; '
                          f"it accepts {allowed}")
+    try:
+        cls.check_arguments(**params)
+    except ValueError as error:
+        raise ValueError(f'"{CONFIG_KEY}.params": {error}') from None
     for name, why in NOT_UNDER_DEEPSPEED.items():
         if params.get(name):
             raise ValueError(f'"{CONFIG_KEY}.params.{name}" cannot be used under DeepSpeed: {why}')
@@ -106,7 +103,7 @@ def _check_block(block) -> tuple[type, dict, object]:
     if "target_modules" not in block:
         raise ValueError(f'"{CONFIG_KEY}" needs "target_modules": the names (or a regex) of the layers to train '
                          "through the optimizer")
-    return cls, dict(params), block["target_modules"]
+    return cls, dict(params), target_modules(block["target_modules"], name=f"{CONFIG_KEY}.target_modules")
 
 
 def _check_deepspeed_config(config: dict) -> None:

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 import randopt
+from randopt import validation
 from randopt.integrations.squeeze_trainer import SqueezeCallback  # noqa: F401  (re-exported)
 from randopt.optim.lorapro_adamw import LoRAProAdamW
 from randopt.optim.randlora_adamw import RandLoRAAdamW
@@ -38,29 +39,36 @@ class RandoptOptimizerFactory:
         return build_optimizer(model, optimizer, target_modules=target_modules, **kwargs)
 
 
-def build_optimizer(model, optimizer: str, target_modules=None, **kwargs) -> torch.optim.Optimizer:
-    """Build a randopt optimizer for ``model`` by name: RandLoRAAdamW over ``target_modules`` (required)
-    with plain AdamW for the other trainable parameters, or LoRAProAdamW over the model's LoRA pairs."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+def check_optimizer_arguments(optimizer: str, target_modules=None, **kwargs) -> None:
+    """Everything ``build_optimizer`` checks that does not need the model: the name, ``target_modules`` and the
+    optimizer's keyword arguments (names and values), as its constructor checks them."""
+    validation.choice("optimizer", optimizer, sorted(OPTIMIZERS))
     if optimizer == "RandLoRAAdamW":
         if target_modules is None:
             raise ValueError("RandLoRAAdamW needs target_modules (names of the linear layers to train through "
                              "RandLoRA), got None")
+        validation.target_modules(target_modules)
+    elif target_modules is not None:
+        raise ValueError("LoRAProAdamW finds the LoRA pairs itself; target_modules must be None, "
+                         f"got {target_modules!r}")
+    OPTIMIZERS[optimizer].check_arguments(**kwargs)
+
+
+def build_optimizer(model, optimizer: str, target_modules=None, **kwargs) -> torch.optim.Optimizer:
+    """Build a randopt optimizer for ``model`` by name: RandLoRAAdamW over ``target_modules`` (required)
+    with plain AdamW for the other trainable parameters, or LoRAProAdamW over the model's LoRA pairs."""
+    check_optimizer_arguments(optimizer, target_modules, **kwargs)
+    if optimizer == "RandLoRAAdamW":
         group_keys = ("rank", "alpha", "seed", "basis_kind")
         group_options = {k: kwargs.pop(k) for k in group_keys if k in kwargs}
         return RandLoRAAdamW(randopt.param_groups(model, target_modules, **group_options), **kwargs)
-    if target_modules is not None:
-        raise ValueError("LoRAProAdamW finds the LoRA pairs itself; target_modules must be None, "
-                         f"got {target_modules!r}")
     return LoRAProAdamW(model, **kwargs)
 
 
 def randopt_optimizer(optimizer: str = "RandLoRAAdamW", **kwargs) -> tuple[type, dict]:
-    """The value for ``Trainer(optimizer_cls_and_kwargs=...)``. Checks the optimizer name now, so a typo
-    fails before training starts."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    """The value for ``Trainer(optimizer_cls_and_kwargs=...)``. Checks the optimizer name, ``target_modules`` and
+    every keyword argument (names and values) now, so a typo fails here rather than when the Trainer builds it."""
+    check_optimizer_arguments(optimizer, **kwargs)
     return RandoptOptimizerFactory, {"optimizer": optimizer, **kwargs}
 
 

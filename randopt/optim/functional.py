@@ -9,17 +9,12 @@ import math
 
 import torch
 
+from ..validation import check_options
+
 
 def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """Clear errors for the hyper-parameters every AdamW variant shares."""
-    if not isinstance(lr, (int, float, torch.Tensor)) or not lr >= 0.0:
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    """Clear errors for the hyper-parameters every AdamW variant shares (``randopt.validation``)."""
+    check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
 
 def update_moments_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -5,6 +5,7 @@ from torch import nn
 
 from ..randlora.layer import find_targets, linear_shape
 from ..randlora.quantized import refuse_quantized
+from ..validation import check_options, rank as check_rank
 
 
 def param_groups(model: nn.Module, target_modules, rank: int = 32, **randlora_options) -> list[dict]:
@@ -14,6 +15,10 @@ def param_groups(model: nn.Module, target_modules, rank: int = 32, **randlora_op
 
     Extra keyword options (``alpha``, ``seed``, ``basis_kind``, ``lr``, ...) apply to the RandLoRA groups.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    rank = check_rank(rank)
+    randlora_options = check_options(randlora_options)
     linear, conv1d = [], []
     targets = find_targets(model, target_modules)
     refuse_quantized([(name, module.weight) for name, module in targets], f"target_modules={target_modules!r}")

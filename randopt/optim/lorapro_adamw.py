@@ -31,6 +31,7 @@ then applies to that gradient, not to ``dL/dW``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from typing import NamedTuple
@@ -42,16 +43,18 @@ from torch import nn
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
 from ..randlora.quantized import is_quantized, refuse_quantized
-from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
+from ..validation import (GroupChecks, check_dense_gradient, check_options, check_params, choice, filled_in,
+                          group_params)
+from .functional import adam_direction, adamw_step_, update_moments_
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
-from .state import (CODES, MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
-                    write_moment)
+from .state import CODES, MIN_8BIT_SIZE, check_state_dtype, init_moment, read_moment, write_moment
 
 MODES = ("full", "efficient")
 _FULL_MOMENTS = ("w_exp_avg", "w_exp_avg_sq")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _COUNTERS = ("step", "nonfinite_skips")
+GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay", "mode", "x_mode", "rcond", "lora_scale")
 
 
 class LoRAPair(NamedTuple):
@@ -156,7 +159,7 @@ def model_groups(model: nn.Module, **group_options) -> list[dict]:
     return groups
 
 
-def _check_pair(name, A, B, scale, base_weight) -> None:
+def _check_pair(name, A, B, base_weight) -> None:
     for label, factor in (("lora_A", A), ("lora_B", B)):
         if not isinstance(factor, torch.Tensor) or not factor.is_floating_point() or factor.dim() != 2:
             raise ValueError(f"{name}: {label} must be a 2-D floating-point tensor, got "
@@ -170,8 +173,6 @@ def _check_pair(name, A, B, scale, base_weight) -> None:
     if A.dtype != B.dtype or A.device != B.device:
         raise ValueError(f"{name}: lora_A ({A.dtype}, {A.device}) and lora_B ({B.dtype}, {B.device}) "
                          "must share dtype and device")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-        raise ValueError(f"{name}: scale must be a finite nonzero number, got {scale!r}")
     if base_weight is not None:
         shape, expected = tuple(base_weight.shape), (B.shape[0], A.shape[1])
         if shape not in (expected, expected[::-1]) or not base_weight.is_floating_point():
@@ -231,49 +232,62 @@ class LoRAProAdamW(PartitionAwareOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, mode: str = "full", x_mode: str = "sylvester",
                  rcond: float | None = None, *, state_dtype: str = "fp32", min_8bit_size: int = MIN_8BIT_SIZE):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode, x_mode=x_mode,
-                        rcond=rcond, lora_scale=None, name=None)
-        self._check_options(defaults)
-        self.state_dtype = check_state_dtype(state_dtype)
-        self.min_8bit_size = check_min_8bit_size(min_8bit_size)
-        if isinstance(params, nn.Module):
-            params = model_groups(params)
+        options = self.check_arguments(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode,
+                                       x_mode=x_mode, rcond=rcond, state_dtype=state_dtype,
+                                       min_8bit_size=min_8bit_size)
+        defaults = {**{k: options[k] for k in GROUP_OPTIONS if k != "lora_scale"}, "lora_scale": None, "name": None}
+        self.state_dtype = options["state_dtype"]
+        self.min_8bit_size = options["min_8bit_size"]
+        params = model_groups(params) if isinstance(params, nn.Module) else check_params(params)
+        self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS)
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
         self._adjustment = [torch.zeros(()), torch.zeros(())]  # squared distance raw -> adjusted, squared raw norm
         super().__init__(params, defaults)
         if not any(g["lora_scale"] is not None for g in self.param_groups):
             raise ValueError("params: no LoRA pair given; pass a LoRA model or lorapro_groups(pairs=...)")
 
+    @classmethod
+    def check_arguments(cls, **kwargs) -> dict:
+        """The constructor's keyword arguments (defaults filled in) checked as the constructor checks them, without
+        parameters: ``ValueError`` naming the first bad one, or the arguments with numbers as ``float``. The
+        transformers factory and the DeepSpeed block call it to fail before training starts."""
+        options = filled_in(cls, kwargs)
+        cls._check_options({**options, "lora_scale": None, "name": None})
+        check_state_dtype(options["state_dtype"])
+        return check_options(options)
+
     @staticmethod
     def _check_options(group: dict) -> None:
-        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        if group["mode"] not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
+        """The options of one group (``ValueError`` naming the first bad one); changes nothing."""
+        check_options({k: group[k] for k in ("lr", "betas", "eps", "weight_decay", "rcond")})
+        choice("mode", group["mode"], MODES)
         check_x_mode(group["x_mode"])
-        if group["rcond"] is not None and not group["rcond"] >= 0:
-            raise ValueError(f"rcond must be None or >= 0, got {group['rcond']!r}")
+        scale = group["lora_scale"]
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                                  or not math.isfinite(scale) or scale == 0):
+            raise ValueError(f"{group['name'] or 'pair'}: lora_scale must be a finite nonzero number, got {scale!r}")
         if group["mode"] == "full" and group["lr"] * group["weight_decay"] > 1:
             raise ValueError(f"lr * weight_decay must be <= 1 in full mode (W decays by sqrt(1 - lr*wd)), "
                              f"got {group['lr']} * {group['weight_decay']}")
 
     def add_param_group(self, param_group: dict) -> None:
-        group = dict(param_group)
+        params = group_params(param_group)
+        group = {**param_group, "params": params}
         base_weight = group.pop("base_weight", None)
         merged = {**self.defaults, **group}
         self._check_options(merged)
+        group = check_options(group)
         base_weight = _base_to_decay(base_weight, merged)
         if merged["lora_scale"] is None:
-            params = group["params"]
-            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
-            refuse_quantized([(f"params[{i}]", p) for i, p in enumerate(group["params"])], "LoRAProAdamW")
+            refuse_quantized([(f"params[{i}]", p) for i, p in enumerate(params)], "LoRAProAdamW")
         else:
-            params = list(group["params"])
             if len(params) != 2:
                 raise ValueError(f"{merged['name']}: a LoRA pair group holds params [A, B], got {len(params)}")
-            _check_pair(merged["name"] or "pair", *params, merged["lora_scale"], base_weight)
+            _check_pair(merged["name"] or "pair", *params, base_weight)
             group["params"] = params
         super().add_param_group(group)
         self._remember_group(self.param_groups[-1])
+        self._group_checks.accept(self.param_groups[-1])
         if merged["lora_scale"] is not None:
             self._base_weights[group["params"][0]] = base_weight
 
@@ -294,8 +308,10 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                 loss = closure()
         # validate everything first so a bad setting changes nothing
         for group in self.param_groups:
-            self._check_options(group)
+            self._group_checks.check(group)
             self._check_state(group)
+            for p in group["params"]:
+                check_dense_gradient(p)
         locator = self._update_locator()
         if not locator.distributed or self._real_step.call < 0:  # a new real step
             self._adjustment = [torch.zeros(()), torch.zeros(())]
@@ -313,8 +329,6 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("LoRAProAdamW does not support sparse gradients")
             state = self.state[p]
             if not state:
                 state["step"] = _new_step()

@@ -37,18 +37,21 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from ..randlora.bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
+from ..randlora.bases import BASIS_KINDS, RandLoRABases, make_bases
 from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
 from ..randlora.quantized import refuse_quantized
-from .functional import adamw_step_, check_hyperparameters
+from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params, choice,
+                          filled_in, group_params, rank as check_rank)
+from .functional import adamw_step_
 from .locators import Block, DTensorShards, WholeTensors, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
-from .state import (MIN_8BIT_SIZE, check_min_8bit_size, check_state_dtype, init_moment, read_moment,
-                    write_moment)
+from .state import MIN_8BIT_SIZE, check_state_dtype, init_moment, read_moment, write_moment
 
 COEFFICIENTS = ("lambda", "gamma")
 WEIGHT_UPDATES = ("stochastic", "exact")
+RANDLORA_OPTIONS = ("rank", "alpha", "seed", "basis_kind", "fan_in_fan_out")
+GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay") + RANDLORA_OPTIONS
 
 
 def matrix_view(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -103,17 +106,22 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         memory per trained matrix, in the optimizer state) and writes ``round(W0 + dW)`` at every step, so
         the model always equals the adapter the coefficients describe (up to one rounding of the sum).
         Both apply to matrices; plain parameters always get AdamW with stochastic rounding in bf16."""
-        check_state_dtype(state_dtype)
-        if weight_update not in WEIGHT_UPDATES:
-            raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
-        self.min_8bit_size = check_min_8bit_size(min_8bit_size)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, alpha=alpha,
-                        seed=seed, basis_kind=basis_kind, fan_in_fan_out=fan_in_fan_out)
-        self.fused_backward = fused_backward
-        self.data_parallel = data_parallel
-        self.state_dtype = state_dtype
-        self.rounding_seed = rounding_seed
-        self.weight_update = weight_update
+        options = self.check_arguments(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, alpha=alpha, seed=seed,
+            basis_kind=basis_kind, fan_in_fan_out=fan_in_fan_out, fused_backward=fused_backward,
+            data_parallel=data_parallel, state_dtype=state_dtype, min_8bit_size=min_8bit_size,
+            rounding_seed=rounding_seed, weight_update=weight_update)
+        defaults = {k: options[k] for k in GROUP_OPTIONS}
+        self.min_8bit_size = options["min_8bit_size"]
+        self.fused_backward = options["fused_backward"]
+        self.data_parallel = options["data_parallel"]
+        self.state_dtype = options["state_dtype"]
+        self.rounding_seed = options["rounding_seed"]
+        self.weight_update = options["weight_update"]
+        self._group_checks = GroupChecks(self._check_group_options, GROUP_OPTIONS, frozen=RANDLORA_OPTIONS,
+                                         why_frozen="rank, alpha, seed, basis_kind and fan_in_fan_out define a "
+                                         "group's RandLoRA bases and the update its coefficients stand for; build "
+                                         "a new optimizer to change them")
         self._bases: dict[tuple, RandLoRABases] = {}
         self._bases_on: dict[tuple, RandLoRABases] = {}
         self._group_of: dict[torch.Tensor, dict] = {}
@@ -121,7 +129,18 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self._hooks = []
         self._generators: dict[str, torch.Generator] = {}
         self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}  # logical shapes (DeepSpeed empties .data)
-        super().__init__(params, defaults)
+        super().__init__(check_params(params), defaults)
+
+    @classmethod
+    def check_arguments(cls, **kwargs) -> dict:
+        """The constructor's keyword arguments (defaults filled in) checked as the constructor checks them, without
+        parameters: ``ValueError`` naming the first bad one, or the arguments with numbers as ``float``. The
+        transformers factory and the DeepSpeed block call it to fail before training starts."""
+        options = filled_in(cls, kwargs)
+        cls._check_group_options(options)
+        check_state_dtype(options["state_dtype"])
+        choice("weight_update", options["weight_update"], WEIGHT_UPDATES)
+        return check_options(options)
 
     # ----- groups and bases -------------------------------------------------------------------------
     def _shape(self, p: torch.Tensor) -> tuple[int, ...]:
@@ -138,16 +157,19 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
     def _bases_key(group: dict) -> tuple:
         return group["rank"], group["seed"], group["basis_kind"]
 
+    @staticmethod
+    def _check_group_options(group: dict) -> None:
+        """The options of one group (``ValueError`` naming the first bad one); changes nothing."""
+        check_options({k: group[k] for k in GROUP_OPTIONS if k != "rank" and k != "basis_kind"})
+        check_rank(group["rank"], allow_none=True)
+        choice("basis_kind", group["basis_kind"], BASIS_KINDS)
+
     def _validate_group(self, group: dict, params: list) -> None:
         # first: a packed weight's shape is its storage's, which would make every other message misleading
         refuse_quantized([(f"params[{i}] {tuple(p.shape)}", p) for i, p in enumerate(params)], "RandLoRAAdamW")
-        check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        self._check_group_options(group)
         if group["rank"] is not None:
-            rank = check_rank(group["rank"])
-            if group["basis_kind"] not in BASIS_KINDS:
-                raise ValueError(f"basis_kind must be one of {BASIS_KINDS}, got {group['basis_kind']!r}")
-            if group["alpha"] is not None and not group["alpha"] > 0:
-                raise ValueError(f"alpha must be > 0, got {group['alpha']!r}")
+            rank = group["rank"]
             shapes = [shape_as_matrix(logical_shape(p), group["fan_in_fan_out"]) for p in params
                       if len(logical_shape(p)) >= 2]
             if shapes:
@@ -160,9 +182,9 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         if len(set(ids)) != len(ids) or seen.intersection(ids):
             raise ValueError("a parameter appears in two parameter groups (or twice in one): each parameter must "
                              "be in exactly one group")
-        for p in params:
-            if not isinstance(p, torch.Tensor) or not p.is_leaf:
-                raise ValueError(f"params must be leaf tensors, got {type(p).__name__}")
+        if group["rank"] is not None:
+            for p in params:
+                check_matrix_layout(p)
 
     def _required_bases(self, groups_and_params) -> dict[tuple, tuple[int, int]]:
         required: dict[tuple, tuple[int, int]] = {}
@@ -177,11 +199,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         return required
 
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        params = group_params(param_group)
         group = {**self.defaults, **param_group, "params": params}
-        group["betas"] = tuple(group["betas"])
         self._validate_group(group, params)
+        group = check_options(group)
         existing = [(g, self._params_of(g)) for g in self._all_groups]
         required = self._required_bases(existing + [(group, params)])
         new_bases = dict(self._bases)
@@ -198,6 +219,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self._bases = new_bases
         self._bases_on.clear()
         self._remember_group(self.param_groups[-1])
+        self._group_checks.accept(self.param_groups[-1])
         for p in params:
             self._shapes[p] = logical_shape(p)
             self._group_of[p] = group
@@ -359,6 +381,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_before_step()
         locator = self._update_locator()
         if locator.distributed:
             if self.fused_backward:
@@ -371,6 +394,18 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         else:
             self._whole_step()
         return loss
+
+    def _check_before_step(self) -> None:
+        """Everything a step relies on that may have changed since construction, checked before anything moves:
+        group options (a scheduler or a user may have set them; re-checked only when changed), the matrices'
+        memory layout and dense gradients."""
+        for group in self.param_groups:
+            self._group_checks.check(group)
+        for group in self._all_groups:
+            for p in self._params_of(group):
+                check_dense_gradient(p)
+                if self._is_matrix(p, group):
+                    check_matrix_layout(p)
 
     def _whole_step(self) -> None:
         """Plain training: the groups passed in now hold whole parameters."""

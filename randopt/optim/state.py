@@ -30,12 +30,6 @@ def check_state_dtype(state_dtype: str) -> str:
     return state_dtype
 
 
-def check_min_8bit_size(min_8bit_size) -> int:
-    if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-        raise ValueError(f"min_8bit_size must be an integer >= 0, got {min_8bit_size!r}")
-    return min_8bit_size
-
-
 def _is_second_moment(name: str) -> bool:
     return name.endswith("exp_avg_sq")
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import validation
+
 BASIS_KINDS = ("dense", "sparse", "very_sparse")
 
 
@@ -22,11 +24,7 @@ def num_bases(out_features: int, in_features: int, rank: int) -> int:
 
 
 def check_rank(rank) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(f"rank must be a positive integer, got {rank!r} of type {type(rank).__name__}")
-    if rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
-    return rank
+    return validation.rank(rank)
 
 
 @dataclass(frozen=True)
@@ -149,10 +147,8 @@ def make_bases(max_shape, rank: int, seed: int = 0, kind: str = "dense") -> Rand
     not depend on the machine, then normalised by their standard deviation.
     """
     check_rank(rank)
-    if kind not in BASIS_KINDS:
-        raise ValueError(f"kind must be one of {BASIS_KINDS}, got {kind!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    validation.choice("kind", kind, BASIS_KINDS)
+    validation.seed("seed", seed)
     out_features, in_features = (int(s) for s in max_shape)
     if out_features <= 0 or in_features <= 0:
         raise ValueError(f"max_shape must be two positive sizes (out, in), got {tuple(max_shape)}")

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .autograd import randlora_linear
-from .bases import RandLoRABases, check_rank, make_bases
+from .. import validation
+from .bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from .functional import delta_weight, init_coefficients
 from .quantized import QuantizedWeight, add_to_quantized, is_quantized
 
@@ -83,8 +84,8 @@ class RandLoRALinear(nn.Module):
         shape = linear_shape(base_layer)
         if shape is None:
             raise ValueError(f"RandLoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        validation.check_options(dict(dropout=dropout, init_weights=init_weights))
+        alpha = validation.real("alpha", alpha, positive=True)
         self.out_features, self.in_features, self.fan_in_fan_out = shape
         self.rank = check_rank(rank)
         self.scaling = alpha / rank
@@ -151,9 +152,7 @@ def target_matches(name: str, target_modules) -> bool:
 
 def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs a target spec selects; a clear error if none, or if one is not linear."""
-    if not target_modules or not (isinstance(target_modules, str) or
-                                  all(isinstance(t, str) for t in target_modules)):
-        raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+    target_modules = validation.target_modules(target_modules)
     found = [(n, m) for n, m in model.named_modules() if n and target_matches(n, target_modules)]
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_shape(m) is not None})
@@ -181,7 +180,14 @@ def inject_randlora(model: nn.Module, target_modules, rank: int = 32, alpha: flo
                     bases: RandLoRABases | None = None) -> nn.Module:
     """Replace the targeted linear layers of ``model`` (in place) by ``RandLoRALinear``; freeze everything else
     of those layers. Bases are generated from ``seed`` for the largest targeted shape unless given."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_rank(rank)
+    validation.check_options(dict(alpha=alpha, dropout=dropout, seed=seed, init_weights=init_weights))
+    validation.real("alpha", alpha, positive=True)
+    validation.choice("kind", kind, BASIS_KINDS)
+    if bases is not None and not isinstance(bases, RandLoRABases):
+        raise ValueError(f"bases must be RandLoRABases (make_bases) or None, got {type(bases).__name__}")
     targets = find_targets(model, target_modules)
     adapted = [name for name, module in targets if isinstance(module, RandLoRALinear)]
     if adapted:
