@@ -2,10 +2,6 @@
 config plugin."""
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ import torch
 
 import randopt
 from conftest import LLAMA_TARGETS, tiny_llama
+from distributed import run_distributed
 from randopt.integrations import deepspeed as plugin
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,22 +19,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 STEPS, RESUME_AT = 5, 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("deepspeed")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    script = Path(__file__).parent / "scripts" / "deepspeed_zero.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                             str(script), str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_distributed("deepspeed_zero.py", out, timeout=900)
     return torch.load(out / "results.pt", weights_only=False)
 
 

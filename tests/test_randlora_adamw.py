@@ -1,16 +1,12 @@
 """RandLoRAAdamW: exactness against the module route and PEFT, fused backward, bf16, resume, bad input."""
 import copy
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import randopt
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from distributed import run_distributed
 from randopt.optim.precision import add_update_
 from randopt.randlora import inject_randlora, randlora_layers
 
@@ -257,13 +253,9 @@ def test_parameter_in_two_groups_is_refused_and_optimizer_unchanged():
         randopt.RandLoRAAdamW([{"params": [model.weight]}, {"params": [model.weight]}], rank=2)
 
 
+@pytest.mark.distributed
 def test_data_parallel_equals_single_process_on_global_batch(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    script = Path(__file__).parent / "scripts" / "randlora_data_parallel.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29517",
-                             str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_distributed("randlora_data_parallel.py", tmp_path)
     distributed = torch.load(tmp_path / "rank0.pt", weights_only=True)
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     # one all-reduce per step, of exactly the coefficient gradients: no full-size gradient travels

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 import randopt
+from distributed import check_checkout, finish_distributed
 from randopt.integrations import deepspeed as randopt_deepspeed
 
 STEPS, RESUME_AT, SEQ, GLOBAL_BATCH = 5, 3, 8, 4
@@ -336,6 +337,7 @@ def trainer_checks(out_dir) -> dict:
 
 
 def main(out_dir):
+    check_checkout()
     deepspeed.init_distributed(dist_backend="gloo")
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50, (GLOBAL_BATCH, SEQ), generator=generator) for _ in range(STEPS)]
@@ -350,8 +352,7 @@ def main(out_dir):
         results["trainer"] = trainer_checks(out_dir)
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":

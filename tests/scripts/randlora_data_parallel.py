@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import randopt
 from conftest import LLAMA_TARGETS, tiny_llama
+from distributed import finish_distributed, start_distributed
 
 
 def run(model, opt, batches):
@@ -21,8 +22,7 @@ def run(model, opt, batches):
 
 
 def main(out_dir):
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_distributed()
     generator = torch.Generator().manual_seed(0)
     global_batches = [torch.randint(0, 50, (4, 8), generator=generator) for _ in range(6)]
     communicated = []
@@ -56,8 +56,7 @@ def main(out_dir):
         single_opt = randopt.RandLoRAAdamW(randopt.param_groups(single, LLAMA_TARGETS, rank=3, alpha=5.0), lr=1e-2)
         torch.save({"losses": run(single, single_opt, global_batches), "weights": dict(single.state_dict())},
                    f"{out_dir}/single.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":
