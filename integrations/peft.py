@@ -37,8 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 import warnings
 from dataclasses import dataclass, field
 
@@ -47,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from randopt._atomic import write_directory
 from randopt.lorasqueeze.adapters import read_adapter_config
 from randopt.lorasqueeze.export import base_weights, randlora_matrices
 from randopt.randlora.bases import (BASIS_KINDS, RandLoRABases, bases_from_tensors, compute_fingerprint, make_bases,
@@ -56,7 +55,6 @@ from randopt.randlora.layer import linear_shape, target_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 MODEL_PREFIX = "base_model.model."
 SHARED_KEYS = {"randlora_A": "base_model.randlora_A", "randlora_B": "base_model.randlora_B"}
 COEFFICIENT_NAMES = ("randlora_lambda", "randlora_gamma")
@@ -159,9 +157,9 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
 
     ``module_names``: the layers to export (default: every nn.Linear/Conv1D weight the optimizer trains through
     RandLoRA). They must share rank, alpha, seed and basis kind (one PEFT config). ``save_bases=False`` leaves the bases
-    out (only randopt can load that adapter, see the module doc). ``out_dir`` is written atomically: a new directory
-    replaces an existing adapter directory as a whole, nothing half-written is left on failure, and a directory holding
-    anything but adapter files is refused.
+    out (only randopt can load that adapter, see the module doc). ``out_dir`` is written atomically (old or new adapter,
+    complete, even if the process is killed; see ``randopt._atomic``): our two files replace an existing adapter's,
+    other files in that directory are kept, and a non-empty directory that is not an adapter's is refused.
     """
     matrices = randlora_matrices(model, optimizer, module_names)
     settings = _common_group_settings(optimizer, matrices)
@@ -222,57 +220,14 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
     return _write_directory(out_dir, config, tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata)})
 
 
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_directory(out_dir, config: dict, tensors: dict, metadata: dict) -> str:
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent, base = os.path.split(out_dir)
-    if os.path.lexists(out_dir):
-        if os.path.islink(out_dir) or not os.path.isdir(out_dir):
-            raise ValueError(f"{out_dir} exists and is not a directory")
-        foreign = sorted(set(os.listdir(out_dir)) - set(ADAPTER_FILES))
-        if foreign:
-            raise ValueError(f"{out_dir} exists and holds files other than an adapter's ({foreign[:5]}); export into "
-                             "a new directory or one holding only an adapter (it is replaced as a whole)")
-    os.makedirs(parent, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp, old = os.path.join(parent, f".{base}.tmp-{tag}"), os.path.join(parent, f".{base}.old-{tag}")
-    os.mkdir(tmp)
-    moved_old = False
-    try:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+    def write(directory: str) -> None:
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(os.path.join(tmp, name))
-        _fsync(tmp)
-        if os.path.lexists(out_dir):
-            os.replace(out_dir, old)
-            moved_old = True
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if moved_old and not os.path.lexists(out_dir):
-            os.replace(old, out_dir)
-            moved_old = False
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if moved_old:
-            shutil.rmtree(old, ignore_errors=True)
-    _fsync(parent)
-    return out_dir
+
+    return write_directory(out_dir, write, overwrite=True, owner_file=CONFIG_NAME)
 
 
 @torch.no_grad()

@@ -362,12 +362,16 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     assert {n: open(out / n, "rb").read() for n in os.listdir(out)} == previous
     assert os.listdir(tmp_path) == ["adapter"]
 
-    export_randlora_adapter(model, opt, out)  # replaces the adapter as a whole
+    export_randlora_adapter(model, opt, out)  # replaces the adapter's files
     assert open(out / WEIGHTS, "rb").read() != previous[WEIGHTS] and os.listdir(tmp_path) == ["adapter"]
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds files other than an adapter's"):
-        export_randlora_adapter(model, opt, out)
-    assert (out / "notes.txt").read_text() == "mine"
+    export_randlora_adapter(model, opt, out)
+    assert (out / "notes.txt").read_text() == "mine", "files we do not write survive an export"
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an adapter directory"):
+        export_randlora_adapter(model, opt, tmp_path / "precious")
+    assert os.listdir(tmp_path / "precious") == ["notes.txt"]
 
 
 def test_export_needs_one_rank_alpha_seed_and_kind(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
-from randopt import cli
+from randopt import _atomic, cli
 from randopt.randlora import delta_weight, make_bases
 from randopt.randlora.bases import LayerBases
 from randopt.lorasqueeze import (adapters, dense_operator, factored_svd, lora_scale, randlora_operator, randomized_svd,
@@ -374,9 +374,12 @@ def test_failed_write_keeps_previous_output(tmp_path, source_dir, monkeypatch):
 
 
 def test_failed_rename_restores_previous_output(tmp_path, source_dir, monkeypatch):
+    """Where directories cannot be exchanged in one step, the old one is moved aside and back if the new one
+    cannot take its place."""
     squeeze_lora(source_dir, rank=3, out_dir=tmp_path / "out")
     before = tree(tmp_path / "out")
     real, calls = os.replace, []
+    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
 
     def replace(src, dst):
         calls.append((src, dst))

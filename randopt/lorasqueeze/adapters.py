@@ -12,8 +12,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from .._atomic import check_out_dir, write_directory
 from .functional import (check_alpha_policy, check_target, check_target_rank, factored_svd, lora_scale, select_rank,
                          target_alpha, truncate)
 
@@ -286,73 +285,24 @@ def squeeze_lora(source, rank: int | None = None, energy: float | None = None, o
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-    if not os.path.lexists(out_dir):
-        return
-    if not overwrite:
-        raise ValueError(f"output directory {out_dir!r} already exists; pass overwrite=True (--overwrite) "
-                         "to replace it")
-    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-        raise ValueError(f"output path {out_dir!r} exists and is not a directory")
-    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, CONFIG_NAME)):
-        raise ValueError(f"refusing to replace {out_dir!r}: it is not empty and not an adapter directory "
-                         f"(no {CONFIG_NAME})")
+    check_out_dir(out_dir, overwrite, owner_file=CONFIG_NAME)
 
 
 def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # write_directory fsyncs everything before it swaps the directory in
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make renames in ``path`` durable, where the platform can fsync a directory."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def save_adapter(out_dir, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool = False) -> str:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``out_dir`` atomically.
-
-    Everything goes to a temporary directory beside ``out_dir`` first and is renamed into place at the
-    end, so a failure leaves either no ``out_dir`` or the previous one untouched. An existing directory is
-    moved aside, not deleted, until the new one is in place.
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` to ``out_dir`` atomically: old or new
+    directory, complete, even if the process is killed (see ``randopt._atomic``). Other files in an existing
+    adapter directory are kept; a non-empty directory that is not an adapter's is refused.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    _check_out_dir(out_dir, overwrite)
-    parent, name = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _write_file(os.path.join(tmp, WEIGHTS_NAME), safetensors_bytes(cpu, metadata={"format": "pt"}))
-        _write_file(os.path.join(tmp, CONFIG_NAME),
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+    def write(directory: str) -> None:
+        _write_file(os.path.join(directory, WEIGHTS_NAME), safetensors_bytes(cpu, metadata={"format": "pt"}))
+        _write_file(os.path.join(directory, CONFIG_NAME),
                     (json.dumps(_json_safe(config), indent=2, sort_keys=True) + "\n").encode())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
-    return out_dir
 
-
-def _replace_dir(src: str, dst: str) -> None:
-    if not os.path.lexists(dst):
-        os.replace(src, dst)
-        return
-    parent, name = os.path.split(dst)
-    backup = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    os.replace(dst, backup)  # onto an empty directory: allowed by rename(2)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(backup, dst)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+    return write_directory(out_dir, write, overwrite=overwrite, owner_file=CONFIG_NAME)
