@@ -1,0 +1,117 @@
+"""Tests written for bugs that a mutation run put into the library and the rest of the suite let through
+(issue 13, item 8; benchmarks/mutation.py finds more): each test fails on that deliberate bug."""
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+
+import randopt
+from conftest import LLAMA_TARGETS, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+from randopt.integrations.peft import load_randlora_adapter  # noqa: E402
+from randopt.integrations.transformers import RandoptCallback  # noqa: E402
+from test_trainer import make_trainer  # noqa: E402
+
+
+def randlora_on(model):
+    return randopt.RandLoRAAdamW(randopt.param_groups(model, LLAMA_TARGETS, rank=3, alpha=5.0), lr=1e-2)
+
+
+def lorapro_on(model):
+    return randopt.LoRAProAdamW(model, lr=1e-2, mode="full")
+
+
+def lora_llama():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    return peft.get_peft_model(tiny_llama(), config)
+
+
+def train(model, opt, steps):
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def tensors_of(state: dict) -> dict:
+    return {(id(p), k): v.clone() for p, s in state.items() for k, v in s.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("make_model,make_optimizer", [(tiny_llama, randlora_on), (lora_llama, lorapro_on)],
+                         ids=["RandLoRAAdamW", "LoRAProAdamW"])
+def test_load_state_dict_copies_the_tensors_it_loads(make_model, make_optimizer):
+    """A step of the optimizer that loaded a state dict changes neither the dict nor the optimizer it came from."""
+    model = make_model()
+    _, opt = train(model, make_optimizer(model), steps=2)
+    saved = opt.state_dict()
+    saved_before, source_before = copy.deepcopy(saved), tensors_of(opt.state)
+    twin = copy.deepcopy(model)
+    loaded = make_optimizer(twin)
+    loaded.load_state_dict(saved)
+    just_loaded = tensors_of(loaded.state)
+    train(twin, loaded, steps=1)
+    stepped = tensors_of(loaded.state)
+    assert any(not torch.equal(stepped[key], value) for key, value in just_loaded.items()), "it must have stepped"
+    for position, entry in saved["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, saved_before["state"][position][key]), (position, key)
+    after = tensors_of(opt.state)
+    assert after.keys() == source_before.keys()
+    assert all(torch.equal(after[key], value) for key, value in source_before.items())
+
+
+def test_callback_exports_the_adapter_into_each_checkpoint(tmp_path):
+    """By default the callback writes the RandLoRA update into checkpoint-N/randopt_adapter, and that adapter
+    reproduces the trained matrices on the base model (the factory also trains norms and embeddings: not in it)."""
+    trainer = make_trainer(tmp_path, max_steps=3)
+    RandoptCallback.attach(trainer)
+    with pytest.warns(UserWarning, match="a RandLora adapter does not hold them"):
+        trainer.train()
+    adapter_dir = tmp_path / "checkpoint-3" / "randopt_adapter"
+    assert (adapter_dir / "adapter_config.json").is_file()
+    base = tiny_llama(torch.float32)
+    load_randlora_adapter(base, adapter_dir)
+    trained = dict(trainer.model.named_parameters())
+    matrices = [name for name, _ in base.named_parameters() if name.endswith(tuple(f"{t}.weight" for t in LLAMA_TARGETS))]
+    assert len(matrices) == 2 * len(LLAMA_TARGETS)
+    for name in matrices:
+        torch.testing.assert_close(base.get_parameter(name), trained[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(base.get_parameter(name), tiny_llama(torch.float32).get_parameter(name))
+
+
+def test_callback_without_export_writes_no_adapter(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3)
+    RandoptCallback.attach(trainer, export_adapter=False)
+    trainer.train()
+    assert (tmp_path / "checkpoint-3").is_dir() and not (tmp_path / "checkpoint-3" / "randopt_adapter").exists()
+
+
+@pytest.mark.parametrize("trainer_lr,warns", [(1e-2, False), (3e-4, True)])
+def test_callback_warns_only_when_the_learning_rates_differ(trainer_lr, warns):
+    opt = randlora_on(tiny_llama())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RandoptCallback().on_train_begin(types.SimpleNamespace(learning_rate=trainer_lr), None, None, optimizer=opt)
+    assert any("learning rate" in str(w.message) for w in caught) == warns
+
+
+@pytest.mark.parametrize("min_8bit_size", [15, 16])
+def test_a_moment_of_exactly_min_8bit_size_elements_is_8bit(min_8bit_size):
+    """gamma has 15 elements (rank 2, 6 -> 5: 3 x 5), lambda 6: "at least min_8bit_size" includes equality."""
+    pytest.importorskip("bitsandbytes")
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=2, state_dtype="8bit", min_8bit_size=min_8bit_size)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    state = opt.state[model.weight]
+    assert state["gamma"].numel() == 15
+    assert ("gamma_exp_avg_codes" in state) == (min_8bit_size <= 15)
+    assert ("gamma_exp_avg" in state) == (min_8bit_size > 15)
+    assert "lambda_exp_avg" in state and "lambda_exp_avg_codes" not in state
