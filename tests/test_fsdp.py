@@ -1,33 +1,17 @@
 """FSDP2 (torch ``fully_shard``): RandLoRAAdamW and LoRAProAdamW in real 2-rank runs on CPU (gloo), one torchrun
 launch for all cases of ``scripts/fsdp2.py``: equal to one process on the global batch, DCP resume, refusals."""
-import os
-import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from distributed import run_distributed
+
 STEPS = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    script = Path(__file__).parent / "scripts" / "fsdp2.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                             str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_distributed("fsdp2.py", out, timeout=600)
     return torch.load(out / "results.pt", weights_only=False)
 
 

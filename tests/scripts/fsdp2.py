@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
 
 import randopt
+from distributed import finish_distributed, start_distributed
 
 STEPS, RESUME_AT, MICRO = 5, 3, 2
 TARGETS = ["fc"]
@@ -206,8 +207,7 @@ def eight_bit():
 
 
 def main(out_dir):
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = start_distributed()
     out = Path(out_dir)
     results = {}
     for kind in ("randlora", "lorapro_full", "lorapro_efficient"):
@@ -221,8 +221,7 @@ def main(out_dir):
     results["refused"] = {"fsdp1": refused(fsdp1), "hsdp": refused(hsdp), "8bit": refused(eight_bit)}
     if rank == 0:
         torch.save(results, out / "results.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":
