@@ -115,3 +115,31 @@ def test_a_moment_of_exactly_min_8bit_size_elements_is_8bit(min_8bit_size):
     assert ("gamma_exp_avg_codes" in state) == (min_8bit_size <= 15)
     assert ("gamma_exp_avg" in state) == (min_8bit_size > 15)
     assert "lambda_exp_avg" in state and "lambda_exp_avg_codes" not in state
+
+
+def test_8bit_moments_have_one_scale_per_256_elements_and_the_default_threshold_is_4096():
+    """The documented layout: block-wise codes with one fp32 absmax per 256 elements; moments of at least 4096
+    elements (the default ``min_8bit_size``) go 8-bit."""
+    pytest.importorskip("bitsandbytes")
+    from randopt.optim.state import init_moment
+
+    state = {}
+    init_moment(state, "a_exp_avg", torch.zeros(4096 + 513), "8bit")
+    init_moment(state, "b_exp_avg", torch.zeros(4096), "8bit")
+    init_moment(state, "c_exp_avg", torch.zeros(4095), "8bit")
+    assert state["a_exp_avg_absmax"].numel() == 19  # ceil(4609 / 256)
+    assert state["b_exp_avg_codes"].dtype == torch.uint8 and state["b_exp_avg_absmax"].numel() == 16
+    assert state["c_exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("state_dtype,stored_as", [("8bit", "exp_avg_codes"), ("bf16", "exp_avg"),
+                                                   ("fp32", "exp_avg")])
+def test_lorapro_stores_moments_as_asked(state_dtype, stored_as):
+    if state_dtype == "8bit":
+        pytest.importorskip("bitsandbytes")
+    model = lora_llama()
+    _, opt = train(model, randopt.LoRAProAdamW(model, lr=1e-2, mode="full", state_dtype=state_dtype,
+                                                min_8bit_size=0), steps=1)
+    expected = {"8bit": torch.uint8, "bf16": torch.bfloat16, "fp32": torch.float64}[state_dtype]  # an fp64 model
+    first_moments = [value for state in opt.state.values() for key, value in state.items() if key.endswith(stored_as)]
+    assert first_moments and all(m.dtype == expected for m in first_moments)
