@@ -203,6 +203,23 @@ def test_merge_requantizes_and_unmerge_unload_behave(kind, tokens):
     assert torch.isfinite(plain(tokens).logits).all()
 
 
+def test_a_weight_bitsandbytes_repacked_for_cpu_inference_is_read_right():
+    """An eval-mode forward without gradients lets bitsandbytes repack a 4-bit weight for its CPU kernel (on CPUs
+    with AVX512-BF16); the module route still sees the same matrix."""
+    torch.manual_seed(0)
+    layer = quantized_linear(nn.Linear(64, 64), "nf4")
+    before = QuantizedWeight(layer).dequantize()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        reference = layer.eval()(x)
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    model = inject_randlora(nn.Sequential(layer), ["0"], rank=8)
+    # the repacking itself rounds the block scales (to bf16), so equal up to that rounding
+    torch.testing.assert_close(QuantizedWeight(layer).dequantize(), before, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(model(x), reference, rtol=1e-2, atol=1e-2)
+
+
 def test_trains_with_the_base_frozen_and_packed(tokens):
     model = quantized_llama("nf4")
     inject_randlora(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA)
@@ -224,19 +241,26 @@ def test_trains_with_the_base_frozen_and_packed(tokens):
 
 
 # ----- LoRA-Pro over a quantized PEFT LoRA model ------------------------------------------------------------------
-def quantized_lora(kind: str):
+def dequantized(model: nn.Module) -> nn.Module:
+    """``model`` with every bitsandbytes layer (also a PEFT layer's base layer) replaced by an fp32 ``nn.Linear`` of
+    its dequantized weight: the full-precision model that computes what the quantized one does."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and is_quantized(module.weight):  # PEFT's wrappers also show a .weight
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight.data = QuantizedWeight(module).dequantize()
+            if module.bias is not None:
+                plain.bias.data = module.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain.requires_grad_(False))
+    return model
+
+
+def quantized_lora(kind: str, r: int = 2):
     """PEFT LoRA on the quantized Llama, and the same LoRA model on its dequantized (fp32) base."""
     torch.manual_seed(5)
     model = peft.get_peft_model(quantized_llama(kind), peft.LoraConfig(
-        r=2, lora_alpha=3.0, target_modules=LLAMA_TARGETS, lora_dropout=0.0, init_lora_weights=False))
-    dequantized = copy.deepcopy(model)
-    for module in dequantized.modules():
-        base = getattr(module, "base_layer", None)
-        if base is not None and is_quantized(getattr(base, "weight", None)):
-            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-            plain.weight.data = QuantizedWeight(base).dequantize()
-            module.base_layer = plain.requires_grad_(False)
-    return model, dequantized
+        r=r, lora_alpha=3.0, target_modules=LLAMA_TARGETS, lora_dropout=0.0, init_lora_weights=False))
+    return model, dequantized(copy.deepcopy(model))
 
 
 def lora_loss(model, tokens):
@@ -315,3 +339,89 @@ def test_lorapro_refuses_a_quantized_weight_in_a_plain_group():
     B = nn.Parameter(torch.randn(16, 2))
     with pytest.raises(ValueError, match="LoRAProAdamW: .*quantized bitsandbytes"):
         LoRAProAdamW(lorapro_groups([(A, B, 1.0)]) + [{"params": [packed]}])
+
+
+# ----- exports from a model with a quantized base -----------------------------------------------------------------
+def trained_module_route(kind: str, tokens) -> nn.Module:
+    """The module route on the quantized Llama after a few AdamW steps (no RandLoRAAdamW involved)."""
+    model = quantized_llama(kind)
+    inject_randlora(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        lora_loss(model, tokens).backward()
+        opt.step()
+    return model.eval()
+
+
+def full_precision_llama_with(deltas: dict) -> nn.Module:
+    """The fp32 Llama the quantized one was made from, with ``deltas`` ({module name: dW}) added to its weights."""
+    model = tiny_llama(torch.float32)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            model.get_submodule(name).weight += delta
+    return model
+
+
+def load_lora(base: nn.Module, adapter_dir) -> nn.Module:
+    """PEFT's model in train mode (no dropout here): in eval mode without gradients bitsandbytes switches to a CPU
+    inference kernel that needs layers of at least 32 outputs, more than the tiny test model has."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, str(adapter_dir)).train()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_module_route_exports_a_lora_adapter_without_an_optimizer(kind, tokens, tmp_path):
+    """Full-rank RandLoRA -> LoRA export from a quantized-base model: PEFT loads it on the quantized base (same
+    outputs as our adapter) and on the full-precision base (that base plus the same dW)."""
+    from randopt.lorasqueeze import export_lora
+    model = trained_module_route(kind, tokens)
+    with torch.no_grad():
+        expected = model(tokens).logits
+        deltas = {name: layer.delta_weight() for name, layer in randlora_layers(model)}
+    assert all(d.abs().max() > 0 for d in deltas.values())
+    result = export_lora(model, out_dir=tmp_path / "lora", rank=64)
+    assert {r.name for r in result.layers} == set(deltas) and all(r.rank == min(r.shape) for r in result.layers)
+    assert all(t.dtype == torch.float32 for t in result.tensors.values())  # the adapter's dtype, not the packed one
+    on_quantized = load_lora(quantized_llama(kind), tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(on_quantized(input_ids=tokens).logits, expected, rtol=1e-4,
+                                   atol=1e-4 if kind != "int8" else 2e-2)
+        on_full = load_lora(tiny_llama(torch.float32), tmp_path / "lora")
+        torch.testing.assert_close(on_full(input_ids=tokens).logits,
+                                   full_precision_llama_with(deltas)(tokens).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no RandLoRA adapter layer"):
+        export_lora(quantized_llama(kind), rank=2)
+
+
+def test_squeeze_of_a_lora_model_over_a_quantized_base(tokens, tmp_path):
+    """LoRA-Pro-trained PEFT LoRA r4 over nf4, squeezed to r2 from the model in memory (the same adapter as from its
+    saved directory); the squeezed adapter loads on the quantized base (computing what it computes on the
+    dequantized base) and on the full-precision base (that base plus the squeezed update)."""
+    import randopt
+    model, _ = quantized_lora("nf4", r=4)
+    opt = randopt.LoRAProAdamW(model, lr=1e-2, weight_decay=0.0, mode="efficient")
+    for _ in range(2):
+        opt.zero_grad()
+        lora_loss(model, tokens).backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "original")
+    result = randopt.squeeze(model, rank=2, out_dir=tmp_path / "squeezed")
+    from_dir = randopt.squeeze(tmp_path / "original", rank=2)
+    assert result.layers and all(r.rank == 2 for r in result.layers)
+    assert result.tensors.keys() == from_dir.tensors.keys()
+    assert all(torch.equal(result.tensors[k], from_dir.tensors[k]) for k in result.tensors)
+    scale = result.config["lora_alpha"] / 2
+    deltas = {}
+    for key, A in result.tensors.items():
+        if key.endswith("lora_A.weight"):
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            B = result.tensors[key.replace("lora_A", "lora_B")]
+            deltas[name] = scale * B.float() @ A.float()
+    with torch.no_grad():
+        on_quantized = load_lora(quantized_llama("nf4"), tmp_path / "squeezed")(input_ids=tokens).logits
+        on_dequantized = load_lora(dequantized(quantized_llama("nf4")), tmp_path / "squeezed")(input_ids=tokens).logits
+        torch.testing.assert_close(on_quantized, on_dequantized, rtol=1e-4, atol=1e-5)
+        on_full = load_lora(tiny_llama(torch.float32), tmp_path / "squeezed")(input_ids=tokens).logits
+        torch.testing.assert_close(on_full, full_precision_llama_with(deltas)(tokens).logits, rtol=1e-4, atol=1e-5)

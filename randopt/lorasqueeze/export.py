@@ -1,11 +1,14 @@
-"""Export the full-rank update ``RandLoRAAdamW`` learned as a rank-r PEFT LoRA adapter.
+"""Export the full-rank update ``RandLoRAAdamW`` (or the module route) learned as a rank-r PEFT LoRA adapter.
 
 A RandLoRA fine-tune changes every targeted weight by a (generally full-rank) ``dW = s * B @ Ahat(lambda,
 gamma)``. Serving engines that only know LoRA can take its best rank-r approximation instead:
 ``export_lora(model, optimizer, out_dir, rank=16)`` (or ``energy=0.9``, per layer) writes an ordinary PEFT LoRA
 adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for ``PeftModel.from_pretrained(base,
 out_dir)``. Module names are found by matching the optimizer's RandLoRA matrices to the weights of the
-model's ``nn.Linear`` / transformers ``Conv1D`` modules (Conv1D models get ``fan_in_fan_out: true``).
+model's ``nn.Linear`` / transformers ``Conv1D`` modules (Conv1D models get ``fan_in_fan_out: true``). A model with
+``inject_randlora`` adapter layers needs no optimizer: ``export_lora(model, out_dir=..., rank=16)`` reads each
+layer's own coefficients and bases (its base may be a quantized bitsandbytes layer; the factors are then saved in
+the adapter's compute dtype).
 
 Per layer, one of two routes (``method="auto"`` picks the cheaper by a multiply-add count, ``export_costs``):
 
@@ -35,8 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..randlora.bases import LayerBases
 from ..randlora.functional import delta_weight, init_coefficients
-from ..randlora.layer import linear_shape, target_matches
+from ..randlora.layer import linear_shape, randlora_layers, target_matches
 from .adapters import PEFT_PREFIX, LayerReport, SqueezeResult, _check_out_dir, _config_for
 from .functional import SVD, check_alpha, check_target, randlora_operator, select_rank, squeeze_operator, truncate
 
@@ -149,6 +153,55 @@ def base_weights(model: nn.Module, optimizer, module_names=None) -> dict[str, to
 # ---------------------------------------------------------------------------------------------- the route
 
 
+@dataclass(frozen=True)
+class _ExportSource:
+    """One layer's RandLoRA update as the export needs it, from either route, in the compute dtype."""
+
+    name: str
+    shape: tuple[int, int]
+    lam: torch.Tensor
+    gam: torch.Tensor
+    layer: LayerBases
+    scale: float
+    rank: int
+    dtype: torch.dtype  # of the saved factors unless the caller picks one
+    fan_in_fan_out: bool
+
+
+def _optimizer_sources(model: nn.Module, optimizer, module_names, dtype) -> list[_ExportSource]:
+    return [_ExportSource(m.name, (m.out_features, m.in_features), *_coefficients(optimizer, m, dtype),
+                          _layer_bases(optimizer, m, dtype), optimizer._scale(m.group), m.group["rank"],
+                          m.param.dtype, bool(m.group["fan_in_fan_out"]))
+            for m in randlora_matrices(model, optimizer, module_names)]
+
+
+def _module_sources(model: nn.Module, module_names, dtype) -> list[_ExportSource]:
+    """The ``inject_randlora`` layers of ``model`` (all, or those named), read without an optimizer."""
+    layers = dict(randlora_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no RandLoRA adapter layer (inject_randlora) and no optimizer "
+                         "was given: pass the RandLoRAAdamW that trained the model")
+    if module_names is not None:
+        if isinstance(module_names, str) or any(n not in layers for n in module_names):
+            raise ValueError(f"module_names must be a list of the model's RandLoRA layers {list(layers)}, got "
+                             f"{module_names!r}")
+        layers = {n: layers[n] for n in dict.fromkeys(module_names)}
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"RandLoRA layers {merged[:5]} are merged into their base: unmerge them before exporting")
+    bases_in_dtype = {}
+    sources = []
+    for name, m in layers.items():
+        key = id(m.shared)
+        if key not in bases_in_dtype:
+            bases_in_dtype[key] = m.shared.bases.to(device=m.randlora_lambda.device, dtype=dtype)
+        lam, gam = (p.detach().to(dtype) for p in (m.randlora_lambda, m.randlora_gamma))
+        sources.append(_ExportSource(name, (m.out_features, m.in_features), lam, gam,
+                                     bases_in_dtype[key].layer(m.out_features, m.in_features), m.scaling, m.rank,
+                                     m.randlora_lambda.dtype, m.fan_in_fan_out))
+    return sources
+
+
 def export_costs(out_features: int, in_features: int, basis_columns: int, rank: int, *, oversample: int = 10,
                  power_iters: int = 2, exact_energy: bool = True) -> dict[str, float]:
     """Multiply-add counts of the two routes for one layer (see the module doc); the SVD weighted by
@@ -189,19 +242,21 @@ def _target_modules(model: nn.Module, names: list[str]):
     return as_list if selected == set(names) else "|".join(map(re.escape, as_list))
 
 
-def export_lora(model: nn.Module, optimizer, out_dir=None, *, rank: int | None = None, energy: float | None = None,
+def export_lora(model: nn.Module, optimizer=None, out_dir=None, *, rank: int | None = None, energy: float | None = None,
                 alpha: float | None = None, rslora: bool = False, method: str = "auto", oversample: int = 10,
                 power_iters: int = 2, seed: int = 0, exact_energy: bool = True, module_names=None,
                 dtype: torch.dtype | None = None, compute_dtype: torch.dtype = torch.float64,
                 overwrite: bool = False) -> SqueezeResult:
-    """RandLoRAAdamW's learned update as a PEFT LoRA adapter at ``rank`` (or per-layer ``energy``).
+    """The learned RandLoRA update as a PEFT LoRA adapter at ``rank`` (or per-layer ``energy``): from
+    ``optimizer``, the ``RandLoRAAdamW`` that trained a plain model, or (``optimizer=None``) from the model's
+    ``inject_randlora`` layers, e.g. ``export_lora(model, out_dir="adapter", rank=16)``.
 
     ``rank``: the target for every layer; a layer whose smaller side is at most ``rank`` is exported at full
     rank (exactly). ``energy`` in ``(0, 1]``: per layer the smallest rank keeping that fraction of
     ``||dW||_F^2`` (dense route). ``alpha``: the alpha written for every layer; None (default) writes each
     layer's rank (scale 1 without rsLoRA). ``method``: ``"auto"``, ``"dense"`` or ``"randomized"`` (see the
     module doc; ``oversample``, ``power_iters``, ``seed`` and ``exact_energy`` are the randomised route's).
-    ``dtype``: of the saved factors (default: each weight's dtype). ``out_dir``: written atomically as in
+    ``dtype``: of the saved factors (default: each weight's dtype; the coefficients' for the module route). ``out_dir``: written atomically as in
     ``squeeze_lora``. Returns the adapter (config, tensors) and a per-layer ``ExportLayerReport``. For plain
     (not DeepSpeed-partitioned) models.
     """
@@ -214,18 +269,16 @@ def export_lora(model: nn.Module, optimizer, out_dir=None, *, rank: int | None =
     for label, value in (("oversample", oversample), ("power_iters", power_iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{label} must be a non-negative integer, got {value!r}")
-    matrices = randlora_matrices(model, optimizer, module_names)
+    sources = (_module_sources(model, module_names, compute_dtype) if optimizer is None else
+               _optimizer_sources(model, optimizer, module_names, compute_dtype))
     if out_dir is not None:
         _check_out_dir(os.fspath(out_dir), overwrite)
     tensors, reports, ranks, alphas = {}, [], {}, {}
-    for matrix in matrices:
-        shape = (matrix.out_features, matrix.in_features)
-        lam, gam = _coefficients(optimizer, matrix, compute_dtype)
+    for source in sources:
+        shape, lam, gam, layer, scale = source.shape, source.lam, source.gam, source.layer, source.scale
         if not (torch.isfinite(lam).all() and torch.isfinite(gam).all()):
-            raise ValueError(f"{matrix.name}: the optimizer's RandLoRA coefficients have non-finite values; refusing "
-                             "to export a broken adapter")
-        layer = _layer_bases(optimizer, matrix, compute_dtype)
-        scale = optimizer._scale(matrix.group)
+            raise ValueError(f"{source.name}: the RandLoRA coefficients have non-finite values; refusing to export a "
+                             "broken adapter")
         full = min(shape)
         target = None if energy is not None else min(rank, full)
         route = method
@@ -244,25 +297,25 @@ def export_lora(model: nn.Module, optimizer, out_dir=None, *, rank: int | None =
             alpha_t = float(target) if alpha is None else float(alpha)
             squeezed = squeeze_operator(op, target, alpha_t, rslora, oversample=oversample, power_iters=power_iters,
                                         seed=seed, total_energy=_frobenius_sq(op) if exact_energy else None)
-        out_dtype = matrix.param.dtype if dtype is None else dtype
-        key = f"{PEFT_PREFIX}{matrix.name}"
+        out_dtype = source.dtype if dtype is None else dtype
+        key = f"{PEFT_PREFIX}{source.name}"
         tensors[f"{key}.lora_A.weight"] = squeezed.A.to("cpu", out_dtype).contiguous()
         tensors[f"{key}.lora_B.weight"] = squeezed.B.to("cpu", out_dtype).contiguous()
-        ranks[matrix.name], alphas[matrix.name] = target, alpha_t
-        source_alpha = scale * matrix.group["rank"]
-        reports.append(ExportLayerReport(matrix.name, shape, full, target, source_alpha, alpha_t, squeezed.energy,
-                                         route))
-    plain = sum(1 for p, g in optimizer._group_of.items() if optimizer.state.get(p) and
-                (g.get("rank") is None or len(getattr(p, "ds_shape", p.shape)) < 2))
+        ranks[source.name], alphas[source.name] = target, alpha_t
+        reports.append(ExportLayerReport(source.name, shape, full, target, scale * source.rank, alpha_t,
+                                         squeezed.energy, route))
+    plain = 0 if optimizer is None else sum(
+        1 for p, g in optimizer._group_of.items()
+        if optimizer.state.get(p) and (g.get("rank") is None or len(getattr(p, "ds_shape", p.shape)) < 2))
     if plain:
         warnings.warn(f"the optimizer also trained {plain} parameters that are not RandLoRA matrices (biases, norms, "
                       "embeddings, ...); a LoRA adapter does not hold them, so the base model plus this adapter will "
                       "not reproduce their training", stacklevel=2)
     config = _config_for({
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
-        "bias": "none", "fan_in_fan_out": any(m.group["fan_in_fan_out"] for m in matrices), "inference_mode": True,
+        "bias": "none", "fan_in_fan_out": any(s.fan_in_fan_out for s in sources), "inference_mode": True,
         "init_lora_weights": True, "lora_dropout": 0.0, "modules_to_save": None, "use_dora": False,
-        "use_rslora": bool(rslora), "target_modules": _target_modules(model, [m.name for m in matrices]),
+        "use_rslora": bool(rslora), "target_modules": _target_modules(model, [s.name for s in sources]),
     }, ranks, alphas)
     result = SqueezeResult(config, tensors, reports)
     if out_dir is not None:

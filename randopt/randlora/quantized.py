@@ -66,7 +66,12 @@ class QuantizedWeight:
         weight = self.module.weight
         dtype = self.compute_dtype if dtype is None else dtype
         if type(weight).__name__ == "Params4bit":
-            from bitsandbytes.functional import dequantize_4bit
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                # bitsandbytes repacks a 4-bit weight for its CPU inference kernel the first time the layer runs in
+                # eval mode without gradients; back to the standard layout, as it does itself before saving it
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                         weight.quant_state)
             dense = dequantize_4bit(weight.data, weight.quant_state)
             return dense.to(dtype) if dense.dtype != dtype else dense
         scale = _scale_rows(self.module).to(dtype).mul(1.0 / 127.0)
