@@ -110,7 +110,7 @@ def target_modules(value, name: str = "target_modules"):
 OPTIONS: dict[str, Callable] = {
     "lr": lambda v: real("lr", v, minimum=0.0),
     "betas": betas,
-    "eps": lambda v: real("eps", v, minimum=0.0),
+    "eps": lambda v: real("eps", v, positive=True),  # eps = 0 turns a zero gradient into 0/0 = NaN
     "weight_decay": lambda v: real("weight_decay", v, minimum=0.0),
     "alpha": lambda v: real("alpha", v, positive=True, allow_none=True),
     "seed": lambda v: seed("seed", v),
@@ -185,8 +185,8 @@ class GroupChecks:
     def check(self, group: dict) -> None:
         accepted = self._accepted.get(id(group))
         current = tuple(group.get(k) for k in self.keys)
-        if accepted is not None and all(a is b or a == b for a, b in zip(accepted, current)):
-            return
+        if accepted is not None and all(a is b or (type(a) is type(b) and a == b) for a, b in zip(accepted, current)):
+            return  # (2.0 == 2 and True == 1: a new type is a change)
         self.validate(group)
         for key, old in zip(self.frozen, self._frozen_values.get(id(group), ())):
             if group.get(key) != old:

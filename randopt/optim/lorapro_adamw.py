@@ -20,10 +20,10 @@ Moments are fp32 (fp64 for fp64 factors) unless ``state_dtype`` asks for bf16 fi
 (then ``<name>_codes``/``<name>_absmax``, see ``state.py``). LoRA factors in bf16/fp16 are updated in
 fp32 and rounded to nearest when written back.
 
-A pair whose gradients (or, in efficient mode, adjusted gradients) are not finite is not stepped:
-its parameters, moments and step stay, and ``state[A]["nonfinite_skips"]`` counts it (``skipped_steps``
-per pair, ``nonfinite_skips`` in all). Plain parameters follow ``torch.optim.AdamW`` and are not
-checked. A pair with no gradient on either factor is left alone (not counted: per-pair step counts
+A pair whose gradients (or, in efficient mode, adjusted gradients; in full mode, new factors) are not
+finite is not stepped: its parameters, moments and step stay, and ``state[A]["nonfinite_skips"]`` counts
+it (``skipped_steps`` per pair, ``nonfinite_skips`` in all). Plain parameters get ``torch.optim.AdamW``'s
+update, and the same check: a NaN/inf gradient skips the parameter and counts in its state. A pair with no gradient on either factor is left alone (not counted: per-pair step counts
 stay right when only some groups get gradients); a missing gradient on one factor counts as zero.
 PEFT's ``lora_dropout`` makes the factor gradients come from dropped inputs: LoRA-Pro's projection
 then applies to that gradient, not to ``dL/dW``.
@@ -326,33 +326,47 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         return loss
 
     def _plain_step(self, group: dict) -> None:
-        for p in group["params"]:
-            if p.grad is None:
+        """AdamW on the plain parameters of a group; one with a NaN/inf gradient is skipped and counted (one
+        device sync for the whole group)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        finite = torch.stack([p.grad.sum().float() for p in params]).isfinite().tolist() if params else []
+        for p, ok in zip(params, finite):
+            state = self._plain_state(p, p)
+            if not ok:
+                state["nonfinite_skips"] += 1
                 continue
-            state = self.state[p]
-            if not state:
-                state["step"] = _new_step()
-                for name in _MOMENTS:
-                    self._init_moment(state, name, p)
             state["step"] += 1
             _adamw_(p, p.grad, state, int(state["step"]), group)
+
+    def _plain_state(self, p, like) -> dict:
+        state = self.state.get(p)
+        if not state:
+            state = {"step": _new_step(), "nonfinite_skips": torch.zeros((), dtype=torch.int64)}
+            for name in _MOMENTS:
+                self._init_moment(state, name, like)
+            self.state[p] = state
+        state.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64))  # state saved before it was counted
+        return state
 
     def _init_moment(self, state, name, like) -> None:
         init_moment(state, name, like, self.state_dtype, self.min_8bit_size)
 
     def _pair_state(self, A, B, mode):
-        state = self.state[A]
-        if not state:
-            state["step"] = _new_step()
-            state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
-            if mode == "full":
-                shape_of_w = A.new_zeros(()).expand(B.shape[0], A.shape[1])  # a view: nothing m x n allocated
-                for name in _FULL_MOMENTS:
-                    self._init_moment(state, name, shape_of_w)
-            else:
-                for factor in (A, B):
-                    for name in _MOMENTS:
-                        self._init_moment(self.state[factor], name, factor)
+        """The pair's state (built whole before it is stored: a failure leaves none)."""
+        if self.state.get(A):
+            return self.state[A]
+        state = {"step": _new_step(), "nonfinite_skips": torch.zeros((), dtype=torch.int64)}
+        factor_states = {}
+        if mode == "full":
+            shape_of_w = A.new_zeros(()).expand(B.shape[0], A.shape[1])  # a view: nothing m x n allocated
+            for name in _FULL_MOMENTS:
+                self._init_moment(state, name, shape_of_w)
+        else:
+            for factor, factor_state in ((A, state), (B, factor_states.setdefault(B, {}))):
+                for name in _MOMENTS:
+                    self._init_moment(factor_state, name, factor)
+        self.state[A] = state
+        self.state.update(factor_states)
         return state
 
     def _pair_step(self, group: dict) -> None:
@@ -362,21 +376,17 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         gA_lora = A.grad if A.grad is not None else torch.zeros_like(A)
         gB_lora = B.grad if B.grad is not None else torch.zeros_like(B)
         state = self._pair_state(A, B, group["mode"])
-        if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):
-            state["nonfinite_skips"] += 1
+        if group["mode"] == "full":
+            self._full_step(group, state, A, B, gA_lora, gB_lora)
             return
         A_w, B_w = _working(A), _working(B)
-        dtype, rcond = A_w.dtype, group["rcond"]
-        gA_lora, gB_lora = gA_lora.to(dtype), gB_lora.to(dtype)
-        grams = factor_grams(A_w, B_w, rcond)
-        if group["mode"] == "efficient":
-            adjusted = self._efficient_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams)
-            if adjusted is not None:
-                gA, gB, step = adjusted
-                _adamw_(A, gA, self.state[A], step, group)
-                _adamw_(B, gB, self.state[B], step, group)
-            return
-        self._full_step(group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams)
+        gA_lora, gB_lora = gA_lora.to(A_w.dtype), gB_lora.to(A_w.dtype)
+        grams = factor_grams(A_w, B_w, group["rcond"])
+        adjusted = self._efficient_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+        if adjusted is not None:
+            gA, gB, step = adjusted
+            _adamw_(A, gA, self.state[A], step, group)
+            _adamw_(B, gB, self.state[B], step, group)
 
     def _efficient_gradients(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
         """Efficient mode: ``(adjusted gA, adjusted gB, step)`` for the AdamW step of the factors, or None (and
@@ -388,15 +398,27 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         state["step"] += 1
         return gA, gB, int(state["step"])
 
-    def _full_step(self, group, state, A, B, A_w, B_w, gA_lora, gB_lora, grams) -> None:
-        gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+    def _full_step(self, group, state, A, B, gA_lora, gB_lora) -> None:
+        """Full mode on a whole pair, all or nothing: the moments, step and factors are computed on copies and stored
+        only when every result is finite. A pair whose gradients are not finite, or whose finite gradients still
+        give a non-finite update (e.g. a tiny ``lora_scale``, whose closed form divides by its square), is skipped
+        and counted; its factors, moments and step stay as they were."""
+        trial = {key: value.clone() for key, value in state.items() if key != "nonfinite_skips"}
+        A_w, B_w = A.detach().to(working_dtype(A.dtype), copy=True), B.detach().to(working_dtype(B.dtype), copy=True)
+        gA_lora, gB_lora = gA_lora.to(A_w.dtype), gB_lora.to(A_w.dtype)
+        grams = factor_grams(A_w, B_w, group["rcond"])
+        gA, gB = self._full_update(group, trial, A_w, B_w, gA_lora, gB_lora, grams)
         self._decay_and_descend(group, A_w, B_w, gA, gB)
+        if not _all_finite(gA_lora, gB_lora, A_w, B_w):
+            state["nonfinite_skips"] += 1
+            return
+        for key, value in trial.items():
+            state[key] = value
         base_weight = self._base_weights.get(A)
         if base_weight is not None and group["weight_decay"]:
             base_weight.mul_(1 - group["lr"] * group["weight_decay"])
-        for param, work in ((A, A_w), (B, B_w)):
-            if work is not param:
-                param.copy_(work)
+        A.copy_(A_w)
+        B.copy_(B_w)
 
     def _full_update(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
         """Full mode's moments of the equivalent gradient and the adjusted factor updates of their Adam direction."""
@@ -467,12 +489,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _step_span(self, p, group, span) -> None:
         """Plain AdamW on the fragment of a plain parameter this rank owns (moments sized like the fragment)."""
-        state = self.state[p]
-        if not state:
-            state["step"] = _new_step()
-            for name in _MOMENTS:
-                self._init_moment(state, name, span.state_like)
+        state = self._plain_state(p, span.state_like)
         self._check_span(logical_shape(p), state, span)
+        if not _all_finite(span.grad):
+            state["nonfinite_skips"] += 1
+            return
         state["step"] += 1
         _adamw_(span.weight, span.grad, state, int(state["step"]), group)
 
@@ -611,8 +632,9 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     @property
     def nonfinite_skips(self) -> int:
-        """All pair steps skipped for non-finite gradients (the name ``RandLoRAAdamW`` uses)."""
-        return sum(self.skipped_steps.values())
+        """All pair and plain-parameter steps skipped for non-finite gradients or updates (the name
+        ``RandLoRAAdamW`` uses)."""
+        return int(sum(s["nonfinite_skips"].item() for s in self.state.values() if "nonfinite_skips" in s))
 
     def state_dict(self) -> dict:
         """As ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions also under DeepSpeed

@@ -46,7 +46,8 @@ from .functional import adamw_step_
 from .locators import Block, DTensorShards, WholeTensors, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
-from .state import MIN_8BIT_SIZE, check_state_dtype, init_moment, read_moment, write_moment
+from .state import (MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment, store_entries,
+                    write_moment)
 
 COEFFICIENTS = ("lambda", "gamma")
 WEIGHT_UPDATES = ("stochastic", "exact")
@@ -93,7 +94,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                  min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0, weight_update: str = "stochastic"):
         """``alpha`` defaults to ``20 * rank`` (scale 20, PEFT's recommendation). ``fused_backward`` projects
         each weight's gradient inside backward and frees it at once (gradient accumulation works: the
-        projections add up). ``data_parallel`` averages the coefficient gradients (and plain parameters'
+        projections add up until ``zero_grad``, as ``.grad`` does, each taken at the coefficients of its backward
+        pass). ``data_parallel`` averages the coefficient gradients (and plain parameters'
         gradients) over the default process group at each step: use it instead of DDP, so no full-size
         gradient is communicated. ``state_dtype`` is ``"fp32"``, ``"bf16"`` (first moments only) or
         ``"8bit"`` (block-wise quantised moments for tensors of at least ``min_8bit_size`` elements; see
@@ -311,10 +313,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
 
     def _init_state(self, p: torch.Tensor, group: dict, like: torch.Tensor | None = None) -> dict:
         """A parameter's state; a plain parameter's moments are shaped like ``like`` (the part this process
-        owns), by default the whole parameter."""
-        state = self.state[p]
-        if state:
-            return state
+        owns), by default the whole parameter. Built whole before it is stored: a failure leaves no state."""
+        if self.state.get(p):
+            return self.state[p]
+        state = {}
         dtype = coefficient_dtype(p)
         state["step"] = torch.zeros((), dtype=torch.float32)
         state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
@@ -328,6 +330,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         else:
             like = torch.empty(self._shape(p), dtype=dtype, device=p.device) if like is None else like
             self._init_moments(state, "", like)
+        self.state[p] = state
         return state
 
     def _init_moments(self, state: dict, prefix: str, like: torch.Tensor) -> None:
@@ -418,10 +421,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             if not ok:
                 state["nonfinite_skips"] += 1
                 continue
-            state["step"] += 1
             if self._is_matrix(p, group):
                 self._step_matrix(p, group, state, grads, blocks)
             else:
+                state["step"] += 1
                 self._step_plain(p.data, grads[0], state, group)
 
     def _collect_gradients(self):
@@ -432,7 +435,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                 blocks = None
                 if self._is_matrix(p, group):
                     blocks = self._whole_blocks(p, group)
-                    grads = self._accumulated.pop(p, None) if self.fused_backward else (
+                    grads = self._accumulated_gradients(p) if self.fused_backward else (
                         None if p.grad is None else self._project_blocks(p, group, blocks))
                 else:
                     grads = None if p.grad is None else [p.grad.to(coefficient_dtype(p))]
@@ -440,6 +443,12 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                     self._init_state(p, group)
                     work.append((p, group, grads, blocks))
         return work
+
+    def _accumulated_gradients(self, p: torch.Tensor) -> list[torch.Tensor] | None:
+        """A copy of what fused backward accumulated for ``p``; the sums stay until ``zero_grad``, as ``.grad``
+        does in unfused training, so skipping ``zero_grad`` accumulates matrices and plain parameters alike."""
+        accumulated = self._accumulated.get(p)
+        return None if accumulated is None else [g.clone() for g in accumulated]
 
     @staticmethod
     def _finite(grad_lists) -> list[bool]:
@@ -495,7 +504,6 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             if not ok:
                 state["nonfinite_skips"] += 1
                 continue
-            state["step"] += 1
             self._step_matrix(p, group, state, grads, blocks)
             if blocks and self._real_step.earlier_call(p):
                 locator.refresh(p)
@@ -519,29 +527,57 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         write_moment(state, f"{prefix}exp_avg", m)
         write_moment(state, f"{prefix}exp_avg_sq", v)
 
+    @staticmethod
+    def _adamw_result(param, grad, state, prefix, step, group) -> tuple[torch.Tensor, dict]:
+        """``param`` after one AdamW step and the state entries of its new moments, computed on copies: nothing
+        stored changes."""
+        beta1, beta2 = group["betas"]
+        m, v = (read_moment(state, f"{prefix}{name}").clone() for name in ("exp_avg", "exp_avg_sq"))
+        param = param.clone()
+        adamw_step_(param, grad, m, v, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        return param, {**encode_moment(state, f"{prefix}exp_avg", m), **encode_moment(state, f"{prefix}exp_avg_sq", v)}
+
     def _step_matrix(self, p, group, state, grads, blocks) -> None:
         """Coefficient AdamW, then the new update written into each owned block of the matrix: the change
-        ``dW(new) - dW(old)`` added (``"stochastic"``) or ``round(W0 + dW(new))`` (``"exact"``)."""
+        ``dW(new) - dW(old)`` added (``"stochastic"``) or ``round(W0 + dW(new))`` (``"exact"``).
+
+        All or nothing: the new step count, coefficients, moments and weight blocks are computed into
+        temporaries first (coefficient-sized, and the owned blocks' new values: at most one weight's size) and
+        stored only once every one of them exists, so a failure anywhere leaves the weight, the coefficients
+        and the moments as they were."""
         layer = self._layer(p, group)
         lam, gam = state["lambda"], state["gamma"]
         scale = self._scale(group)
+        step = int(state["step"].item()) + 1
         exact = self.weight_update == "exact"
         old_basis = scaled_basis(layer.A, lam, gam)
-        if exact and blocks and "base_weight" not in state:
-            state["base_weight"] = self._starting_weight(layer, old_basis, scale, blocks)
-        for name, coefficient, grad in zip(COEFFICIENTS, (lam, gam), grads):
-            self._adamw(coefficient, grad, state, f"{name}_", group)
-        if not blocks:
-            return
-        new_basis = scaled_basis(layer.A, lam, gam)
-        if exact:
-            for (_, weight, rows, cols), base in zip(blocks, self._base_blocks(state, blocks)):
-                weight.copy_(reconstruct(layer, new_basis, scale, rows=rows, cols=cols).add_(base))
-            return
-        change_basis = new_basis - old_basis
-        for _, weight, rows, cols in blocks:
-            change = reconstruct(layer, change_basis, scale, rows=rows, cols=cols)
-            add_update_(weight, change, self._generator(weight.device))
+        base_weight = None
+        if exact and blocks:
+            base_weight = state.get("base_weight")
+            if base_weight is None:
+                base_weight = self._starting_weight(layer, old_basis, scale, blocks)
+        new = {name: self._adamw_result(coefficient, grad, state, f"{name}_", step, group)
+               for name, coefficient, grad in zip(COEFFICIENTS, (lam, gam), grads)}
+        new_basis = scaled_basis(layer.A, new["lambda"][0], new["gamma"][0])
+        if exact and blocks:
+            values = [reconstruct(layer, new_basis, scale, rows=rows, cols=cols).add_(base)
+                      for (_, _, rows, cols), base in zip(blocks, self._base_blocks(base_weight, blocks))]
+        else:
+            change_basis = new_basis - old_basis
+            values = [reconstruct(layer, change_basis, scale, rows=rows, cols=cols) for _, _, rows, cols in blocks]
+        # every new value exists: store them
+        for name, coefficient in zip(COEFFICIENTS, (lam, gam)):
+            value, moments = new[name]
+            coefficient.copy_(value)
+            store_entries(state, moments)
+        state["step"] += 1
+        if base_weight is not None:
+            state["base_weight"] = base_weight
+        for (_, weight, _, _), value in zip(blocks or [], values):
+            if exact:
+                weight.copy_(value)
+            else:
+                add_update_(weight, value, self._generator(weight.device))
 
     @staticmethod
     def _starting_weight(layer, basis, scale, blocks) -> torch.Tensor:
@@ -552,8 +588,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         return torch.cat(parts)
 
     @staticmethod
-    def _base_blocks(state, blocks) -> list[torch.Tensor]:
-        base = state["base_weight"]
+    def _base_blocks(base, blocks) -> list[torch.Tensor]:
         sizes = [weight.numel() for _, weight, _, _ in blocks]
         if sum(sizes) != base.numel():
             raise RuntimeError(f"the starting weight kept for exact updates has {base.numel()} elements, but this "

@@ -90,15 +90,25 @@ def read_moment(state: dict, name: str) -> torch.Tensor:
     return stored if stored.dtype in (torch.float32, torch.float64) else stored.float()
 
 
-def write_moment(state: dict, name: str, value: torch.Tensor) -> None:
+def encode_moment(state: dict, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state entries that would store ``value`` (a working tensor from ``read_moment``) as moment ``name`` in
+    its present format, computed without storing anything: ``store_entries`` then only copies, so a step can
+    compute everything first and commit after."""
     if name + CODES in state:
         codes, absmax = quantize(value, signed=not _is_second_moment(name))
-        state[name + CODES].copy_(codes)
-        state[name + ABSMAX].copy_(absmax)
-        return
-    stored = local_part(state[name])
-    if value is not stored:
-        stored.copy_(value)
+        return {name + CODES: codes, name + ABSMAX: absmax}
+    return {name: value}
+
+
+def store_entries(state: dict, entries: dict[str, torch.Tensor]) -> None:
+    for key, value in entries.items():
+        stored = local_part(state[key])
+        if value is not stored:
+            stored.copy_(value)
+
+
+def write_moment(state: dict, name: str, value: torch.Tensor) -> None:
+    store_entries(state, encode_moment(state, name, value))
 
 
 def state_summary(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, int]]:

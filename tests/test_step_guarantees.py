@@ -1,0 +1,205 @@
+"""What a step promises: all or nothing (a failure anywhere inside leaves weight, coefficients and moments as they
+were), no NaN/inf ever written (skipped and counted instead), and fused backward accumulating like unfused."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import randopt
+from randopt.lorapro import lorapro_groups
+from randopt.optim import randlora_adamw as randlora_module
+from randopt.optim import state as state_module
+
+from test_validation import Pair, TwoLayer, assert_same, backward, snapshot
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def failing_at(function, call):
+    """``function`` raising ``Injected`` at its ``call``-th call (0-based)."""
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] - 1 == call:
+            raise Injected(f"{function.__name__} call {call}")
+        return function(*args, **kwargs)
+    return wrapper
+
+
+# functions the matrix step calls while it computes: a failure in any of them must leave everything as it was
+STEP_FUNCTIONS = {
+    "reconstruct": (randlora_module, "reconstruct"), "scaled_basis": (randlora_module, "scaled_basis"),
+    "adamw_step_": (randlora_module, "adamw_step_"), "read_moment": (randlora_module, "read_moment"),
+    "encode_moment": (randlora_module, "encode_moment"), "quantize": (state_module, "quantize"),
+}
+
+
+def assert_each_matrix_all_or_nothing(model, optimizer, before):
+    """Per parameter, a step happened completely or not at all: when its step count did not move, neither did its
+    weight, coefficients, moments (nor a kept ``W0`` appear)."""
+    after = snapshot(model, optimizer)
+    for name in ("q", "v"):
+        weight = getattr(model, name).weight
+        prefix = f"state.{id(weight)}."
+        step_key = prefix + "step"
+        if step_key in before and torch.equal(before[step_key], after[step_key]):
+            keys = [k for k in before if k.startswith(prefix)] + [f"model.{name}.weight"]
+            for key in keys:
+                assert torch.equal(before[key], after[key]), key
+            assert set(k for k in after if k.startswith(prefix)) == set(k for k in before if k.startswith(prefix))
+        elif step_key not in before:  # fresh start: the failing step left nothing behind but zero state
+            assert torch.equal(before[f"model.{name}.weight"], after[f"model.{name}.weight"]) or \
+                int(after[step_key]) == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(function=st.sampled_from(sorted(STEP_FUNCTIONS)), call=st.integers(0, 5),
+       weight_update=st.sampled_from(["stochastic", "exact"]), state_dtype=st.sampled_from(["fp32", "8bit"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_a_failure_inside_a_randlora_step_leaves_everything_as_it_was(function, call, weight_update, state_dtype,
+                                                                      dtype):
+    model = TwoLayer().to(dtype)
+    optimizer = randopt.RandLoRAAdamW(model.parameters(), rank=2, weight_update=weight_update,
+                                      state_dtype=state_dtype, min_8bit_size=1)
+    for seed in range(2):  # from a fresh start and from a trained state
+        optimizer.zero_grad()
+        backward(model, seed)
+        before = snapshot(model, optimizer)
+        rng_before = {k: g.get_state() for k, g in optimizer._generators.items()}
+        module, name = STEP_FUNCTIONS[function]
+        original = getattr(module, name)
+        setattr(module, name, failing_at(original, call))
+        try:
+            optimizer.step()
+            failed = False
+        except Injected:
+            failed = True
+        finally:
+            setattr(module, name, original)
+        if failed:
+            assert_each_matrix_all_or_nothing(model, optimizer, before)
+            assert {k: g.get_state() for k, g in optimizer._generators.items()}.keys() <= rng_before.keys() or \
+                not rng_before
+            optimizer.step()  # the same step, now without the failure, works
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_exact_update_with_state_from_another_partitioning_fails_before_anything_moves():
+    model = TwoLayer()
+    optimizer = randopt.RandLoRAAdamW(model.parameters(), rank=2, weight_update="exact")
+    backward(model)
+    optimizer.step()
+    state = optimizer.state[model.q.weight]
+    state["base_weight"] = state["base_weight"][:-1].clone()
+    optimizer.zero_grad()
+    backward(model, 1)
+    before = snapshot(model, optimizer)
+    with pytest.raises(RuntimeError, match="different partitioning"):
+        optimizer.step()
+    for key in before:
+        if f"state.{id(model.q.weight)}." in key or key == "model.q.weight":
+            assert torch.equal(before[key], snapshot(model, optimizer)[key]), key
+
+
+def lorapro_with_head(scale=2.0, mode="full", dtype=torch.float32):
+    pair, head = Pair().to(dtype), torch.nn.Linear(4, 3).to(dtype)
+    optimizer = randopt.LoRAProAdamW(lorapro_groups([(pair.A, pair.B, scale)], mode=mode)
+                                     + [{"params": head.parameters()}], mode=mode)
+
+    def run_backward(seed=0):
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        head(pair(x)).square().sum().backward()
+    return pair, head, optimizer, run_backward
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_lorapro_skips_and_counts_plain_parameters_with_nonfinite_gradients(mode):
+    pair, head, optimizer, run_backward = lorapro_with_head(mode=mode)
+    run_backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    run_backward(1)
+    head.weight.grad[0, 0] = float("nan")
+    head_before, bias_before, A_before = head.weight.clone(), head.bias.clone(), pair.A.clone()
+    optimizer.step()
+    assert torch.equal(head.weight, head_before)
+    assert not torch.equal(head.bias, bias_before) and not torch.equal(pair.A, A_before)
+    assert optimizer.nonfinite_skips == 1 and optimizer.skipped_steps == {"pair0": 0}
+    assert int(optimizer.state[head.weight]["step"]) == 1 and int(optimizer.state[head.bias]["step"]) == 2
+    assert all(torch.isfinite(p).all() for p in (*head.parameters(), pair.A, pair.B))
+
+
+def test_lorapro_tiny_scale_gives_a_counted_skip_not_nan():
+    pair, head, optimizer, run_backward = lorapro_with_head(scale=1e-30)
+    run_backward()
+    assert all(torch.isfinite(p.grad).all() for p in (pair.A, pair.B))
+    before = snapshot(pair, optimizer)
+    optimizer.step()
+    assert optimizer.skipped_steps == {"pair0": 1}
+    after = snapshot(pair, optimizer)
+    for key in before:
+        if "nonfinite_skips" not in key and (key.startswith("model.") or f"state.{id(pair.A)}." in key):
+            assert torch.equal(before[key], after[key]), key
+    assert all(torch.isfinite(p).all() for p in (pair.A, pair.B))
+
+
+def test_a_failure_inside_a_lorapro_full_step_leaves_the_pair_as_it_was(monkeypatch):
+    from randopt.optim import lorapro_adamw
+
+    pair, head, optimizer, run_backward = lorapro_with_head()
+    run_backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    run_backward(1)
+    before = snapshot(pair, optimizer)
+    monkeypatch.setattr(lorapro_adamw, "adjust_gradients", failing_at(lorapro_adamw.adjust_gradients, 0))
+    with pytest.raises(Injected):
+        optimizer.step()
+    after = snapshot(pair, optimizer)
+    for key in before:
+        if key.startswith("model.") or f"state.{id(pair.A)}." in key:
+            assert torch.equal(before[key], after[key]), key
+    monkeypatch.undo()
+    optimizer.step()
+    assert not torch.equal(pair.A, before["model.A"])
+
+
+def test_zero_eps_is_refused_because_a_zero_gradient_would_give_nan():
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        randopt.RandLoRAAdamW(TwoLayer().parameters(), rank=2, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        randopt.LoRAProAdamW(lorapro_groups([(Pair().A, Pair().B, 1.0)]), eps=0)
+
+
+def test_fused_backward_without_zero_grad_keeps_accumulating_like_grad_does():
+    """No ``zero_grad`` between steps: ``.grad`` keeps adding up (plain parameters), and so do fused backward's
+    projections of the matrices' gradients (each taken at the coefficients of its backward pass), until
+    ``zero_grad``."""
+    model = TwoLayer().double()
+    optimizer = randopt.RandLoRAAdamW(model.parameters(), rank=2, fused_backward=True)
+    expected, bias_grads = None, []
+    for seed in range(3):
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        # this pass's projection at the current coefficients, from an unfused copy of the gradient
+        reference = TwoLayer().double()
+        reference.load_state_dict(model.state_dict())
+        reference(x).square().sum().backward()
+        bias_grads.append(reference.q.bias.grad)
+        weight = model.q.weight
+        group = optimizer._group_of[weight]
+        optimizer._init_state(weight, group)
+        blocks = [(reference.q.weight.grad, weight, slice(0, 5), slice(0, 6))]
+        projection = optimizer._project_blocks(weight, group, blocks)
+        expected = projection if expected is None else [e + g for e, g in zip(expected, projection)]
+        model(x).square().sum().backward()
+        for total, want in zip(optimizer._accumulated[weight], expected):
+            torch.testing.assert_close(total, want, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(model.q.bias.grad, sum(bias_grads), rtol=1e-12, atol=1e-14)
+        optimizer.step()
+    optimizer.zero_grad()
+    assert not optimizer._accumulated and model.q.bias.grad is None
