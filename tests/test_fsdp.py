@@ -73,3 +73,27 @@ def test_checkpoint_resume_is_exact(fsdp_runs, case):
 @pytest.mark.parametrize("setup, words", [("fsdp1", "FSDP1"), ("hsdp", "HSDP"), ("8bit", "8bit")])
 def test_unsupported_sharding_is_refused(fsdp_runs, setup, words):
     assert words in fsdp_runs["refused"][setup]
+
+
+@pytest.mark.distributed
+def test_trainer_with_fsdp2_trains_and_resumes_from_its_sharded_checkpoint(fsdp_runs):
+    """TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"})
+    with optimizer_cls_and_kwargs=randopt_optimizer(...): the Trainer builds the optimizer before sharding, accelerate
+    swaps in the DTensors, ours trains them (one coefficient all-reduce per step); resuming from checkpoint-2 gives
+    the same losses and weights."""
+    run = fsdp_runs["trainer_randlora"]
+    assert run["optimizer"] == "RandLoRAAdamW" and run["sharded"]
+    assert run["communicated"]["all_reduces"] == 4
+    assert {"randopt/lambda_norm", "randopt/update_norm"} <= set(run["logged_metrics"])
+    assert run["resumed_losses"] == run["losses"]
+    for name, value in run["weights"].items():
+        assert torch.equal(run["resumed_weights"][name], value), name
+
+
+@pytest.mark.distributed
+def test_accelerate_prepare_swaps_parameters_and_lorapro_still_decays_the_base_weight(fsdp_runs):
+    """LoRAProAdamW(model) built before accelerator.prepare(model, optimizer): after the swap, full mode's weight decay
+    reaches the model's sharded W0 (1 - lr * wd per step, two steps)."""
+    run = fsdp_runs["accelerate_lorapro"]
+    assert run["sharded"] and run["steps"] == 2
+    assert run["base_weight_decay"] == pytest.approx((1 - 1e-2 * 0.1) ** 2, abs=1e-6)

@@ -238,7 +238,8 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         defaults = {**{k: options[k] for k in GROUP_OPTIONS if k != "lora_scale"}, "lora_scale": None, "name": None}
         self.state_dtype = options["state_dtype"]
         self.min_8bit_size = options["min_8bit_size"]
-        params = model_groups(params) if isinstance(params, nn.Module) else check_params(params)
+        self._model = params if isinstance(params, nn.Module) else None
+        params = model_groups(params) if self._model is not None else check_params(params)
         self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS)
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
         self._adjustment = [torch.zeros(()), torch.zeros(())]  # squared distance raw -> adjusted, squared raw norm
@@ -290,6 +291,28 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         self._group_checks.accept(self.param_groups[-1])
         if merged["lora_scale"] is not None:
             self._base_weights[group["params"][0]] = base_weight
+
+    def _parameters_replaced(self, replaced: dict) -> None:
+        """Re-key the base-weight handles. fully_shard (through accelerate, or the Trainer) also swaps each base
+        weight for a DTensor the optimizer was not given: an optimizer built from the model finds it there."""
+        self._base_weights = {replaced.get(A, A): weight for A, weight in self._base_weights.items()}
+        if self._model is not None:
+            found = {pair.A: pair.base_weight for pair in find_lora_pairs(self._model)}
+            self._base_weights.update((A, found[A]) for A in self._base_weights if A in found)
+        for group in self._all_groups:
+            if group["lora_scale"] is None:
+                continue
+            A = self._params_of(group)[0]
+            weight = self._base_weights.get(A)
+            if weight is None or not is_dtensor(A) or is_dtensor(weight):
+                continue
+            if group["mode"] != "full":  # only full mode's weight decay touches W0
+                self._base_weights[A] = None
+            else:
+                raise RuntimeError(f"{group['name']}: the LoRA factors were sharded with fully_shard after this "
+                                   "optimizer was built, but the base weight W0 it was given (for full mode's weight "
+                                   "decay) is not the one in the model now: build LoRAProAdamW from the model "
+                                   "(LoRAProAdamW(model)), or after sharding")
 
     def _check_state(self, group: dict) -> None:
         if group["lora_scale"] is None:
@@ -672,4 +695,5 @@ class LoRAProAdamW(PartitionAwareOptimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_base_weights", {})
+        self.__dict__.setdefault("_model", None)
         self.__dict__.setdefault("_adjustment", [torch.zeros(()), torch.zeros(())])

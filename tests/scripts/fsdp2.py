@@ -21,7 +21,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
 
 import randopt
+from conftest import LLAMA_TARGETS
 from distributed import finish_distributed, start_distributed
+from fsdp2_integrations import accelerate_case, trainer_case
 
 STEPS, RESUME_AT, MICRO = 5, 3, 2
 TARGETS = ["fc"]
@@ -219,6 +221,9 @@ def main(out_dir):
             results[f"{kind}_resume_{'full' if full else 'sharded'}"] = resume_case(
                 kind, rank, world, out / f"{kind}_checkpoint", full)
     results["refused"] = {"fsdp1": refused(fsdp1), "hsdp": refused(hsdp), "8bit": refused(eight_bit)}
+    results["trainer_randlora"] = trainer_case(out / "trainer_randlora", {"optimizer": "RandLoRAAdamW", "rank": 3,
+                                               "target_modules": LLAMA_TARGETS, "alpha": 5.0, "lr": 1e-2}, lora=False)
+    results["accelerate_lorapro"] = accelerate_case()
     if rank == 0:
         torch.save(results, out / "results.pt")
     finish_distributed()
