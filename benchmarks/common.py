@@ -52,8 +52,10 @@ def step_benchmark_args(description: str, argv, quick_repeats: int, repeats: int
 
 
 def state_bytes(optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state``."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+    """Bytes of every tensor in ``optimizer.state`` this process holds (a DTensor's local shard)."""
+    from randopt.optim.locators import local_part
+
+    return sum(local_part(t).numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
                if isinstance(t, torch.Tensor))
 
 
@@ -177,6 +179,39 @@ def ratio_spread(times: Mapping[str, list[float]], name: str, reference: str) ->
     """Median, min and max over rounds of the per-round ratio ``name / reference`` (same-round pairs)."""
     ratios = [a / b for a, b in zip(times[name], times[reference])]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+COLLECTIVES = {  # name: which argument holds the whole tensor (index, or keyword)
+    "all_reduce": (0, "tensor"), "reduce": (0, "tensor"), "broadcast": (0, "tensor"),
+    "reduce_scatter_tensor": (1, "input"), "all_gather_into_tensor": (0, "output_tensor"),
+    "reduce_scatter": (1, "input_list"), "all_gather": (0, "tensor_list"), "all_to_all_single": (1, "input"),
+    "reduce_scatter_single": (1, "input"), "all_gather_single": (0, "output_tensor"),  # FSDP2's
+}
+
+
+def count_collectives() -> dict:
+    """Wrap torch.distributed's collectives to add up the bytes they move, by name."""
+    import torch.distributed as dist
+
+    counts = {}
+
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(nbytes(v) for v in value) if isinstance(value, (list, tuple)) else 0
+
+    for name, (position, keyword) in COLLECTIVES.items():
+        original = getattr(dist, name)
+
+        def counted(*args, _original=original, _name=name, _position=position, _keyword=keyword, **kwargs):
+            value = args[_position] if len(args) > _position else kwargs.get(_keyword)
+            entry = counts.setdefault(_name, [0, 0])
+            entry[0] += 1
+            entry[1] += nbytes(value)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return counts
 
 
 def cpu_model() -> str:

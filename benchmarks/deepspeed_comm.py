@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .common import machine_line, markdown_table, median, write_result
+from .common import count_collectives, machine_line, markdown_table, median, write_result
 
 LAYERS = 2
 CONFIGS = {
@@ -39,39 +39,9 @@ CONFIGS = {
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 RANK, ALPHA, LR, WEIGHT_DECAY = 32, 640.0, 1e-4, 0.01
 OPTIMIZERS = ["torch AdamW", "RandLoRAAdamW r32"]
-COLLECTIVES = {  # name: which argument holds the whole tensor (index, or keyword)
-    "all_reduce": (0, "tensor"), "reduce": (0, "tensor"), "broadcast": (0, "tensor"),
-    "reduce_scatter_tensor": (1, "input"), "all_gather_into_tensor": (0, "output_tensor"),
-    "reduce_scatter": (1, "input_list"), "all_gather": (0, "tensor_list"), "all_to_all_single": (1, "input"),
-}
 
 
 # ----- the child (one per rank, under torchrun) ----------------------------------------------------------------
-def count_collectives() -> dict:
-    """Wrap torch.distributed's collectives to add up the bytes they move, by name."""
-    import torch.distributed as dist
-
-    counts = {}
-
-    def nbytes(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        return sum(nbytes(v) for v in value) if isinstance(value, (list, tuple)) else 0
-
-    for name, (position, keyword) in COLLECTIVES.items():
-        original = getattr(dist, name)
-
-        def counted(*args, _original=original, _name=name, _position=position, _keyword=keyword, **kwargs):
-            value = args[_position] if len(args) > _position else kwargs.get(_keyword)
-            entry = counts.setdefault(_name, [0, 0])
-            entry[0] += 1
-            entry[1] += nbytes(value)
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, counted)
-    return counts
-
-
 def make_model(cfg: dict):
     from transformers import GPT2Config, GPT2LMHeadModel
 
