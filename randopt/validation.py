@@ -242,3 +242,56 @@ def check_dense_gradient(param: torch.Tensor) -> None:
         raise ValueError(f"a parameter of shape {tuple(param.shape)} has a sparse gradient (nn.Embedding("
                          "sparse=True)?): randopt's optimizers need dense gradients; build the embedding with "
                          "sparse=False")
+
+
+# ----- saved optimizer state ------------------------------------------------------------------------------------
+MOMENT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _check_entry(where: str, key: str, value, shape, dtypes) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{where}: {key} must be a tensor, got {type(value).__name__}")
+    if isinstance(shape, int) and value.numel() != shape:
+        raise ValueError(f"{where}: {key} has {value.numel()} elements, expected {shape}")
+    if shape is not None and not isinstance(shape, int) and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{where}: {key} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if dtypes is not None and value.dtype not in dtypes:
+        raise ValueError(f"{where}: {key} has dtype {value.dtype}, expected one of {list(dtypes)}")
+
+
+def check_saved_state(where: str, saved, required: dict, moments: dict, block_size: int, optional: dict = None,
+                      optional_moments: bool = False) -> None:
+    """One parameter's saved optimizer state against what the optimizer keeps: ``required`` and ``optional`` map
+    keys to ``(shape, dtypes)`` (a shape of None: any; an int: that many elements; dtypes None: any); ``moments``
+    map names to shapes, each stored either as ``name`` (fp32/fp64/bf16) or as ``name_codes`` (uint8, that shape)
+    plus ``name_absmax`` (fp32, one per ``block_size`` elements), see ``randopt.optim.state``; with
+    ``optional_moments`` they may be absent, all of them. Any other key is refused."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: expected a dict of tensors, got {type(saved).__name__}")
+    optional = optional or {}
+    known = set(required) | set(optional)
+    for key, (shape, dtypes) in required.items():
+        if key not in saved:
+            raise ValueError(f"{where}: {key!r} is missing (it holds {sorted(saved)})")
+        _check_entry(where, key, saved[key], shape, dtypes)
+    for key, (shape, dtypes) in optional.items():
+        if key in saved:
+            _check_entry(where, key, saved[key], shape, dtypes)
+    moment_keys = {key for name in moments for key in (name, name + "_codes", name + "_absmax")}
+    known |= moment_keys
+    if optional_moments and not moment_keys & set(saved):
+        moments = {}  # none kept here (all or none)
+    for name, shape in moments.items():
+        codes, absmax = name + "_codes", name + "_absmax"
+        if name in saved and codes not in saved and absmax not in saved:
+            _check_entry(where, name, saved[name], shape, MOMENT_DTYPES)
+        elif codes in saved and absmax in saved and name not in saved:
+            _check_entry(where, codes, saved[codes], shape, (torch.uint8,))
+            numel = shape if isinstance(shape, int) else math.prod(shape)
+            _check_entry(where, absmax, saved[absmax], (-(-numel // block_size),), (torch.float32,))
+        else:
+            raise ValueError(f"{where}: moment {name!r} must be stored as {name!r} or as {codes!r} + {absmax!r}, "
+                             f"the state holds {sorted(saved)}")
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"{where}: unexpected entries {unknown}; this optimizer keeps {sorted(known)}")

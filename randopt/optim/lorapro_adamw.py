@@ -43,12 +43,12 @@ from torch import nn
 from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, lora_gradients,
                                   projected_gradient, working_dtype)
 from ..randlora.quantized import is_quantized, refuse_quantized
-from ..validation import (GroupChecks, check_dense_gradient, check_options, check_params, choice, filled_in,
-                          group_params)
+from ..validation import (GroupChecks, check_dense_gradient, check_options, check_params, check_saved_state, choice,
+                          filled_in, group_params)
 from .functional import adam_direction, adamw_step_, update_moments_
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
-from .state import CODES, MIN_8BIT_SIZE, check_state_dtype, init_moment, read_moment, write_moment
+from .state import BLOCK_SIZE, CODES, MIN_8BIT_SIZE, check_state_dtype, init_moment, read_moment, write_moment
 
 MODES = ("full", "efficient")
 _FULL_MOMENTS = ("w_exp_avg", "w_exp_avg_sq")
@@ -670,16 +670,52 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                 state_dict["state"].setdefault(group["params"][1], {})
         return state_dict
 
+    _KIND_OPTIONS = GROUP_OPTIONS
+    _MATH_OPTIONS = ("mode", "lora_scale")
+
+    def _check_group_options(self, group: dict) -> None:
+        self._check_options(group)
+
+    def _check_saved_state(self, group: dict, p: torch.Tensor, saved: dict) -> None:
+        where = f"state_dict: state of {group['name'] or 'a parameter'} ({tuple(logical_shape(p))})"
+        counters = {"step": ((), (torch.float32,)), "nonfinite_skips": ((), (torch.int64,))}
+        span = saved.get("span")
+        numel = int(span[1]) if isinstance(span, torch.Tensor) and span.numel() == 2 else logical_shape(p)
+        fragment = {"span": ((2,), (torch.int64,))}
+        if group["lora_scale"] is None:
+            check_saved_state(where, saved, {"step": counters["step"]}, dict.fromkeys(_MOMENTS, numel), BLOCK_SIZE,
+                              optional={**fragment, "nonfinite_skips": counters["nonfinite_skips"]})
+            return
+        A, B = self._params_of(group)
+        if group["mode"] == "full":
+            if p is B:
+                check_saved_state(where, saved, {}, {}, BLOCK_SIZE)
+                return
+            shape_of_w = (logical_shape(B)[0], logical_shape(A)[1])
+            # under DeepSpeed each rank keeps the moments of the pairs it is assigned only
+            check_saved_state(where, saved, counters, dict.fromkeys(_FULL_MOMENTS, shape_of_w), BLOCK_SIZE,
+                              optional_moments=True)
+        else:
+            check_saved_state(where, saved, counters if p is A else {}, dict.fromkeys(_MOMENTS, numel), BLOCK_SIZE,
+                              optional=fragment)
+
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict["param_groups"]
-        kind = {True: "plain", False: "a LoRA pair"}
-        if len(saved) == len(self.param_groups):
-            for i, (group, saved_group) in enumerate(zip(self.param_groups, saved)):
-                here, there = group["lora_scale"] is None, saved_group.get("lora_scale") is None
-                if here != there:
-                    raise ValueError(f"state_dict: parameter group {i} ({saved_group.get('name')}) is {kind[there]} "
-                                     f"there but {kind[here]} here ({group['name']})")
-        matched = self._saved_positions(state_dict)
+        """Checks everything first (that it is a LoRAProAdamW state dict, which groups are pairs, the group layout,
+        ``mode`` and ``lora_scale``, hyper-parameters, parameter shapes, every state entry's key, shape and dtype)
+        and refuses with ``ValueError``, leaving the optimizer as it was. Group hyper-parameters come from the state
+        dict, as in torch; state tensors are copied (never shared with ``state_dict``)."""
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), (list, tuple)):
+            saved = state_dict["param_groups"]
+            kind = {True: "plain", False: "a LoRA pair"}
+            if len(saved) == len(self.param_groups):
+                for i, (group, saved_group) in enumerate(zip(self.param_groups, saved)):
+                    here = group["lora_scale"] is None
+                    there = not isinstance(saved_group, dict) or saved_group.get("lora_scale") is None
+                    if here != there:
+                        name = saved_group.get("name") if isinstance(saved_group, dict) else None
+                        raise ValueError(f"state_dict: parameter group {i} ({name}) is {kind[there]} there but "
+                                         f"{kind[here]} here ({group['name']})")
+        matched = self._checked_positions(state_dict)
         self._load_group_options(state_dict)
         # a moment's storage format (fp32, bf16, 8-bit) and the CPU counters are its own: no dtype cast
         state = defaultdict(dict)

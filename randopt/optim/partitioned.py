@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from .locators import DTensorShards, RealStep, Span, is_dtensor, locator_for
+from .locators import DTensorShards, RealStep, Span, is_dtensor, locator_for, logical_shape
 
 
 class PartitionAwareOptimizer(Optimizer):
@@ -140,7 +140,70 @@ class PartitionAwareOptimizer(Optimizer):
                 if self.state.get(p):
                     state[position] = dict(self.state[p])
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-        return {"state": state, "param_groups": groups}
+        shapes = [None] * len(index)
+        for group in self.param_groups:
+            for p in self._params_of(group):
+                shapes[index[id(p)]] = list(self._shape(p))
+        return {"state": state, "param_groups": groups, "param_shapes": shapes}
+
+    def _shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        return tuple(logical_shape(p))
+
+    # what a subclass says about its state dicts, for ``_checked_positions``
+    _KIND_OPTIONS: tuple[str, ...] = ()
+    """Group options every group of this optimizer has: a state dict whose groups lack one is another optimizer's."""
+    _MATH_OPTIONS: tuple[str, ...] = ()
+    """Group options that define what the state means: they must be the same in a state dict to load."""
+
+    def _check_group_options(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _check_saved_state(self, group: dict, p: torch.Tensor, saved: dict) -> None:
+        raise NotImplementedError
+
+    def _checked_positions(self, state_dict) -> list[tuple[int, dict, torch.Tensor]]:
+        """``_saved_positions`` after checking everything about ``state_dict`` before anything changes: its layout,
+        that it comes from this kind of optimizer, the groups' sizes, math-defining options and hyper-parameters,
+        the parameters' shapes and every parameter's saved state (``_check_saved_state``)."""
+        name = type(self).__name__
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), (list, tuple))):
+            raise ValueError("state_dict must be a dict with 'state' (a dict) and 'param_groups' (a list), as "
+                             f"{name}.state_dict() returns")
+        for i, saved_group in enumerate(state_dict["param_groups"]):
+            if not isinstance(saved_group, dict) or not isinstance(saved_group.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict: parameter group {i} must be a dict with a 'params' list")
+            missing = [k for k in self._KIND_OPTIONS if k not in saved_group]
+            if missing:
+                raise ValueError(f"state_dict: parameter group {i} has no {missing}: this is not a {name} state dict "
+                                 "(torch.optim.AdamW's or another optimizer's?)")
+        matched = self._saved_positions(state_dict)
+        for i, (saved_group, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            for key in self._MATH_OPTIONS:
+                if saved_group[key] != group[key]:
+                    raise ValueError(f"state_dict: parameter group {i} was saved with {key}={saved_group[key]!r}, this "
+                                     f"optimizer's has {key}={group[key]!r}; {key} defines what the saved state means: "
+                                     "build the optimizer with the options it was saved with")
+            try:
+                self._check_group_options({**group, **saved_group})
+            except ValueError as error:
+                raise ValueError(f"state_dict: parameter group {i}: {error}") from None
+        positions = {position for position, _, _ in matched}
+        unknown = sorted(set(state_dict["state"]) - positions, key=str)
+        if unknown:
+            raise ValueError(f"state_dict: state for parameter positions {unknown}, which no group lists")
+        shapes = state_dict.get("param_shapes")
+        if shapes is not None and (not isinstance(shapes, (list, tuple)) or len(shapes) != len(matched)):
+            raise ValueError(f"state_dict: param_shapes must list the shapes of its {len(matched)} parameters")
+        for position, _, p in matched:
+            if shapes is not None and list(shapes[position]) != list(self._shape(p)):
+                raise ValueError(f"state_dict: parameter {position} was saved with shape {tuple(shapes[position])}, "
+                                 f"here it has shape {tuple(self._shape(p))}")
+        for position, group, p in matched:
+            saved = state_dict["state"].get(position)
+            if saved:
+                self._check_saved_state(group, p, saved)
+        return matched
 
     def _saved_positions(self, state_dict: dict) -> list[tuple[int, dict, torch.Tensor]]:
         """``(saved position, its group here, parameter here)`` for every parameter, after checking that the

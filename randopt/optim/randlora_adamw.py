@@ -38,16 +38,16 @@ import torch
 import torch.distributed as dist
 
 from ..randlora.bases import BASIS_KINDS, RandLoRABases, make_bases
-from ..randlora.functional import init_coefficients, project, reconstruct, scaled_basis
+from ..randlora.functional import coefficient_shapes, init_coefficients, project, reconstruct, scaled_basis
 from ..randlora.quantized import refuse_quantized
-from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params, choice,
-                          filled_in, group_params, rank as check_rank)
+from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params,
+                          check_saved_state, choice, filled_in, group_params, rank as check_rank)
 from .functional import adamw_step_
-from .locators import Block, DTensorShards, WholeTensors, logical_shape
+from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
-from .state import (MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment, store_entries,
-                    write_moment)
+from .state import (BLOCK_SIZE, MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment,
+                    store_entries, write_moment)
 
 COEFFICIENTS = ("lambda", "gamma")
 WEIGHT_UPDATES = ("stochastic", "exact")
@@ -613,20 +613,46 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         return {**self._state_dict_by_originals(),
                 "rounding_generators": {k: g.get_state() for k, g in self._generators.items()}}
 
+    _KIND_OPTIONS = GROUP_OPTIONS
+    _MATH_OPTIONS = RANDLORA_OPTIONS
+
+    def _check_saved_state(self, group: dict, p: torch.Tensor, saved: dict) -> None:
+        where = f"state_dict: state of the parameter of shape {tuple(self._shape(p))}"
+        counters = {"step": ((), (torch.float32,)), "nonfinite_skips": ((), (torch.int64,))}
+        if not self._is_matrix(p, group):
+            span = saved.get("span")
+            numel = int(span[1]) if isinstance(span, torch.Tensor) and span.numel() == 2 else self._shape(p)
+            check_saved_state(where, saved, counters, {"exp_avg": numel, "exp_avg_sq": numel}, BLOCK_SIZE,
+                              optional={"span": ((2,), (torch.int64,))})
+            return
+        lam_shape, gam_shape = coefficient_shapes(*self._matrix_shape(p, group), group["rank"])
+        dtypes = (coefficient_dtype(p),)
+        fingerprint = self._bases[self._bases_key(group)].fingerprint_tensor()
+        check_saved_state(where, saved, {**counters, "lambda": (lam_shape, dtypes), "gamma": (gam_shape, dtypes),
+                                          "bases_fingerprint": (fingerprint.shape, (fingerprint.dtype,))},
+                          {f"{name}_{moment}": shape for name, shape in (("lambda", lam_shape), ("gamma", gam_shape))
+                           for moment in ("exp_avg", "exp_avg_sq")}, BLOCK_SIZE,
+                          optional={"base_weight": (None, (p.dtype,))})
+        self._bases[self._bases_key(group)].check_fingerprint(saved["bases_fingerprint"], "optimizer state dict")
+        base, numel = saved.get("base_weight"), math.prod(self._shape(p))
+        # flat over the blocks this process owns: the whole weight, or under ZeRO a fragment (checked at the step)
+        whole = not locator_for(self.param_groups, self._params_of, self._locator).distributed
+        if base is not None and (base.dim() != 1 or base.numel() > numel or (whole and base.numel() != numel)):
+            raise ValueError(f"{where}: base_weight has shape {tuple(base.shape)}, expected a flat tensor of "
+                             f"{'' if whole else 'at most '}{numel} elements")
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Checks everything (group layout, bases fingerprints, coefficient shapes) before changing anything;
-        group hyper-parameters come from the state dict, as in torch; state tensors keep their own dtypes."""
+        """Checks everything first (that it is a RandLoRAAdamW state dict, the group layout and the options that
+        define the math, hyper-parameters, parameter shapes, every state entry's key, shape and dtype, the bases'
+        fingerprints) and refuses with ``ValueError``, leaving the optimizer as it was. Group hyper-parameters come
+        from the state dict, as in torch; state tensors are copied (never shared with ``state_dict``) and keep their
+        own dtypes."""
+        matched = self._checked_positions(state_dict)
+        generators = state_dict.get("rounding_generators", {})
+        if not isinstance(generators, dict) or not all(
+                isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in generators.values()):
+            raise ValueError("state_dict: rounding_generators must map devices to generator states (uint8 tensors)")
         saved_state = state_dict["state"]
-        matched = self._saved_positions(state_dict)
-        for position, group, p in matched:
-            saved = saved_state.get(position, {})
-            if "bases_fingerprint" in saved:
-                self._bases[self._bases_key(group)].check_fingerprint(saved["bases_fingerprint"],
-                                                                      "optimizer state dict")
-                expected = init_coefficients(*self._matrix_shape(p, group), group["rank"])[0].shape
-                if saved["lambda"].shape != expected:
-                    raise ValueError(f"state dict holds lambda of shape {tuple(saved['lambda'].shape)} for a "
-                                     f"parameter of shape {self._shape(p)}; expected {tuple(expected)}")
         self._load_group_options(state_dict)
         state = defaultdict(dict)
         for position, _, p in matched:
@@ -637,5 +663,5 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self.state = state
         self._accumulated.clear()
         self._forget_pending()
-        for key, generator_state in state_dict.get("rounding_generators", {}).items():
-            self._generator(torch.device(key)).set_state(generator_state)
+        for key, generator_state in generators.items():
+            self._generator(torch.device(key)).set_state(generator_state.clone())

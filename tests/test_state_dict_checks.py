@@ -1,0 +1,202 @@
+"""load_state_dict checks everything first: hypothesis over mutations of real state dicts (shapes, dtypes, keys, group
+options, another optimizer's dict); every refusal leaves the optimizer bit-identical and still working."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import randopt
+from randopt.lorapro import lorapro_groups
+
+from test_validation import Pair, TwoLayer, assert_same, backward, snapshot
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def trained_randlora(**kwargs):
+    model = TwoLayer()
+    optimizer = randopt.RandLoRAAdamW(model.parameters(), rank=2, **kwargs)
+    backward(model)
+    optimizer.step()
+    return model, optimizer, lambda seed=1: backward(model, seed)
+
+
+def trained_lorapro(mode="full", **kwargs):
+    pair, head = Pair(), torch.nn.Linear(4, 3)
+    optimizer = randopt.LoRAProAdamW(lorapro_groups([(pair.A, pair.B, 2.0)]) + [{"params": head.parameters()}],
+                                     mode=mode, **kwargs)
+    model = torch.nn.ModuleDict({"pair": pair, "head": head})
+
+    def run_backward(seed=0):
+        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed))
+        head(pair(x)).square().sum().backward()
+    run_backward()
+    optimizer.step()
+    return model, optimizer, run_backward
+
+
+MAKERS = {"randlora": trained_randlora, "randlora-exact": lambda: trained_randlora(weight_update="exact"),
+          "randlora-8bit": lambda: trained_randlora(state_dtype="8bit", min_8bit_size=1),
+          "lorapro-full": trained_lorapro, "lorapro-efficient": lambda: trained_lorapro("efficient"),
+          "lorapro-8bit": lambda: trained_lorapro(state_dtype="8bit", min_8bit_size=1)}
+
+
+# ----- mutations of a state dict: each returns a description, or None when it does not apply -----------------
+def entries(state_dict):
+    return [(position, key) for position, state in sorted(state_dict["state"].items()) for key in sorted(state)]
+
+
+def wrong_shape(sd, data):
+    position, key = data.draw(st.sampled_from(entries(sd)))
+    value = sd["state"][position][key]
+    sd["state"][position][key] = torch.cat([value.reshape(-1), value.reshape(-1)[:1]]) if value.dim() != 1 \
+        else value[:-1] if value.numel() > 1 else value.reshape(1, 1)
+    return f"{key} reshaped"
+
+
+def wrong_dtype(sd, data):
+    position, key = data.draw(st.sampled_from(entries(sd)))
+    value = sd["state"][position][key]
+    sd["state"][position][key] = value.to(torch.float16 if value.is_floating_point() else torch.float64)
+    return f"{key} as another dtype"
+
+
+def missing_key(sd, data):
+    position, key = data.draw(st.sampled_from(entries(sd)))
+    if key == "nonfinite_skips" and "rank" not in sd["param_groups"][0]:
+        return None  # LoRAProAdamW's plain parameters were not counted before: their older state lacks it
+    del sd["state"][position][key]
+    return f"{key} deleted"
+
+
+def unknown_key(sd, data):
+    position, _ = data.draw(st.sampled_from(entries(sd)))
+    sd["state"][position][data.draw(st.sampled_from(["exp_avg_max", "momentum_buffer", "extra"]))] = torch.zeros(1)
+    return "unknown key"
+
+
+def not_a_tensor(sd, data):
+    position, key = data.draw(st.sampled_from(entries(sd)))
+    sd["state"][position][key] = data.draw(st.sampled_from([None, 1.0, [0.0], "x"]))
+    return f"{key} not a tensor"
+
+
+def bad_hyperparameter(sd, data):
+    group = data.draw(st.sampled_from(sd["param_groups"]))
+    key = data.draw(st.sampled_from(["lr", "eps", "weight_decay", "betas"]))
+    group[key] = data.draw(st.sampled_from(["1e-3", None, float("nan"), float("inf"), -1.0, (0.9, 1.5)]))
+    return f"group {key}"
+
+
+def math_option(sd, data):
+    group = data.draw(st.sampled_from(sd["param_groups"]))
+    if "rank" in group:
+        key, value = data.draw(st.sampled_from([("rank", 3), ("rank", None), ("seed", 9), ("alpha", 3.0),
+                                                ("basis_kind", "sparse"), ("fan_in_fan_out", True)]))
+        if key == "rank" and group["rank"] is None:
+            value = 2
+    else:
+        if group["lora_scale"] is None:
+            return None
+        key, value = data.draw(st.sampled_from([("mode", "efficient" if group["mode"] == "full" else "full"),
+                                                ("lora_scale", 4.0)]))
+    group[key] = value
+    return f"group {key}"
+
+
+def group_layout(sd, data):
+    choice = data.draw(st.sampled_from(["drop group", "drop param", "extra position", "shapes"]))
+    if choice == "drop group":
+        sd["param_groups"].pop()
+    elif choice == "drop param":
+        sd["param_groups"][-1]["params"].pop()
+    elif choice == "extra position":
+        sd["state"][99] = copy.deepcopy(next(iter(sd["state"].values())))
+    else:
+        sd["param_shapes"][0] = [7, 7]
+    return choice
+
+
+def not_a_state_dict(sd, data):
+    return data.draw(st.sampled_from([None, {}, {"state": {}}, {"state": [], "param_groups": []}, [1, 2],
+                                      {"state": {}, "param_groups": [5]}]))
+
+
+MUTATIONS = [wrong_shape, wrong_dtype, missing_key, unknown_key, not_a_tensor, bad_hyperparameter, math_option,
+             group_layout]
+
+
+@settings(max_examples=60, deadline=None)
+@given(maker=st.sampled_from(sorted(MAKERS)), mutation=st.sampled_from(MUTATIONS + [not_a_state_dict]),
+       data=st.data())
+def test_a_mutated_state_dict_is_refused_and_the_optimizer_keeps_working(maker, mutation, data):
+    source_model, source, _ = MAKERS[maker]()
+    model, optimizer, run_backward = MAKERS[maker]()
+    saved = copy.deepcopy(source.state_dict())
+    if mutation is not_a_state_dict:
+        saved = mutation(saved, data)
+    elif mutation(saved, data) is None:
+        return
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError):
+        optimizer.load_state_dict(saved)
+    assert_same(before, snapshot(model, optimizer))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups_before
+    optimizer.zero_grad()
+    run_backward()
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_an_unmutated_state_dict_loads_and_resumes_bit_for_bit(maker):
+    model, optimizer, run_backward = MAKERS[maker]()
+    resumed_model, resumed, resumed_backward = MAKERS[maker]()
+    resumed_model.load_state_dict(model.state_dict())
+    saved = optimizer.state_dict()
+    resumed.load_state_dict(saved)
+    for m, opt, run in ((model, optimizer, run_backward), (resumed_model, resumed, resumed_backward)):
+        opt.zero_grad()
+        run(3)
+        opt.step()
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_another_optimizers_state_dict_is_refused():
+    model, optimizer, run_backward = trained_randlora()
+    backward_model = TwoLayer()
+    adamw = torch.optim.AdamW(backward_model.parameters())
+    backward(backward_model)
+    adamw.step()
+    with pytest.raises(ValueError, match="not a RandLoRAAdamW state dict"):
+        optimizer.load_state_dict(adamw.state_dict())
+    _, lorapro, _ = trained_lorapro()
+    with pytest.raises(ValueError, match="not a RandLoRAAdamW state dict|parameter groups"):
+        optimizer.load_state_dict(lorapro.state_dict())
+    with pytest.raises(ValueError, match="not a LoRAProAdamW state dict|parameter groups|plain there"):
+        lorapro.load_state_dict(optimizer.state_dict())
+
+
+def test_a_dict_saved_before_the_first_step_with_another_rank_is_refused():
+    model = TwoLayer()
+    fresh = randopt.RandLoRAAdamW(model.parameters(), rank=3)
+    optimizer = randopt.RandLoRAAdamW(model.parameters(), rank=2)
+    with pytest.raises(ValueError, match="rank=3"):
+        optimizer.load_state_dict(fresh.state_dict())
+
+
+def test_lorapro_rank_4_state_does_not_load_into_a_rank_2_model():
+    A4, B4 = torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(5, 4))
+    A2, B2 = torch.nn.Parameter(torch.randn(2, 6)), torch.nn.Parameter(torch.randn(5, 2))
+    rank4 = randopt.LoRAProAdamW(lorapro_groups([(A4, B4, 1.0)]))
+    (torch.randn(3, 6) @ A4.T @ B4.T).sum().backward()
+    rank4.step()
+    rank2 = randopt.LoRAProAdamW(lorapro_groups([(A2, B2, 1.0)]))
+    with pytest.raises(ValueError, match="shape"):
+        rank2.load_state_dict(rank4.state_dict())
+    with pytest.raises(ValueError, match="lora_scale=1.0.*lora_scale=2.0"):
+        randopt.LoRAProAdamW(lorapro_groups([(A4, B4, 2.0)])).load_state_dict(rank4.state_dict())
