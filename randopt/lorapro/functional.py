@@ -11,6 +11,8 @@ whose equivalent gradient ``s (B gA + gB A) = P_B g + (I - P_B) g P_A`` is the o
 of ``g`` onto the tangent space ``{B Y + Z A}`` whatever ``X`` is (``P_B = B (B^T B)^+ B^T``,
 ``P_A = A^T (A A^T)^+ A``). Nothing ``m x m`` or ``n x n`` is formed, and nothing ``m x n`` but the
 equivalent gradient itself: the projections are applied through ``r x r`` products.
+Not guarded: arguments are taken as given (a tiny ``s`` overflows ``1/s^2``; LoRAProAdamW checks the results
+and skips such a step), and nothing here can tell whether it already ran.
 
 Inverses are pseudo-inverses from eigendecompositions of the two symmetric ``r x r`` Gram matrices
 (in fp64: they are tiny and their small eigenvalues decide what is inverted), with eigenvalues at or

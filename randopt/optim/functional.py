@@ -2,6 +2,11 @@
 
 Storage of the moments (fp32, bf16, 8-bit) is a separate concern (``state.py``): callers read the
 moments into fp32 working tensors, call these functions, and write them back.
+
+Not guarded: these functions take their tensors and numbers as given (the optimizers validate them) and work
+in place; a function cannot know that it already ran, so calling ``adamw_step_`` twice applies two steps, and a
+failure halfway (e.g. mismatched shapes) can leave ``param`` decayed but not stepped. The optimizers compute on
+copies and commit only complete results.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Conventions: a weight is ``out x in``; ``d = min(out, in)``, ``D = max(out, in)`
 orientation the update is ``s * B @ Ahat`` (``D x d``), transposed back when ``in > out``.
 ``Ahat[k*N + n, j] = lambda[k, n] * A[k, j] * gamma[n, j]`` (PEFT's pairing, kept for interoperability).
 Everything here is linear in the gradient and a sum over the weight's rows, so it works on blocks.
+Not guarded: arguments are taken as given (shapes, dtypes and finiteness are the caller's business; the
+optimizers and modules validate them), and nothing here can tell whether it already ran.
 """
 from __future__ import annotations
 
