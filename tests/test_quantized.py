@@ -425,3 +425,21 @@ def test_squeeze_of_a_lora_model_over_a_quantized_base(tokens, tmp_path):
         torch.testing.assert_close(on_quantized, on_dequantized, rtol=1e-4, atol=1e-5)
         on_full = load_lora(tiny_llama(torch.float32), tmp_path / "squeezed")(input_ids=tokens).logits
         torch.testing.assert_close(on_full, full_precision_llama_with(deltas)(tokens).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", ["nf4", "fp32"])
+def test_benchmark_methods_build_and_step_on_both_bases(base, tokens):
+    """benchmarks.qlora_step's methods on the tiny Llama: each trains adapters only, and the nf4 base stays packed."""
+    from benchmarks.qlora_step import METHODS, build, quantize_projections
+    for method in METHODS:
+        model = tiny_llama(torch.float32)
+        if base == "nf4":
+            model = quantize_projections(model)
+        model, opt = build(method, model)
+        packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_quantized(p)}
+        assert bool(packed) == (base == "nf4")
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trained and all("lora_" in n or "randlora_" in n for n in trained), (method, trained[:3])
+        lora_loss(model, tokens).backward()
+        opt.step()
+        assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
