@@ -25,9 +25,10 @@ def assert_matches_reference(run, atol=1e-5):
 @pytest.mark.distributed
 def test_randlora_equals_single_process_with_one_coefficient_all_reduce_per_step(fsdp_runs):
     """Uneven shards (7 rows -> 4 + 3, an empty shard on rank 1), 2 accumulated micro-batches, clipping on
-    DTensors: the same losses and weights as one process on the global batch; the optimizer's only traffic is one
-    all-reduce of the coefficient gradients per step."""
+    DTensors, a Conv1D matrix sharded along its input dimension: the same losses and weights as one process on the
+    global batch; the optimizer's only traffic is one all-reduce of the coefficient gradients per step."""
     run = fsdp_runs["randlora"]
+    assert run["fan_in_fan_out_matrices"] == 1
     assert_matches_reference(run)
     assert run["coefficient_bytes"] > 0
     assert run["communicated"] == {"all_reduces": STEPS, "bytes": STEPS * run["coefficient_bytes"]}

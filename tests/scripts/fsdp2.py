@@ -5,7 +5,7 @@ unsharded model on the whole batch with the same optimizer; rank 0 saves losses 
 optimizer's own traffic, and the errors of the refused setups, to ``<out>/results.pt``.
 
 Layer sizes are odd so that FSDP pads dim 0: 7 rows split 4 + 3, and the 1-row head (and its bias) leaves rank 1
-an empty shard.
+an empty shard; the Conv1D layer is sharded along its input dimension (its stored rows).
 """
 import sys
 from pathlib import Path
@@ -41,14 +41,17 @@ class Block(nn.Module):
 
 class Net(nn.Module):
     def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
         super().__init__()
         self.blocks = nn.ModuleList([Block(12, 7), Block(7, 9)])
-        self.head = nn.Linear(9, 1)
+        self.proj = Conv1D(5, 9)  # stored in x out (9 x 5): RandLoRA trains it with fan_in_fan_out
+        self.head = nn.Linear(5, 1)
 
     def forward(self, x):
         for block in self.blocks:
             x = block(x)
-        return self.head(x).squeeze(-1)
+        return self.head(torch.tanh(self.proj(x))).squeeze(-1)
 
 
 def make_model(lora: bool):
@@ -63,7 +66,7 @@ def make_model(lora: bool):
 
 def make_optimizer(kind: str, model):
     if kind == "randlora":
-        return randopt.RandLoRAAdamW(randopt.param_groups(model, TARGETS, rank=3, alpha=6.0), lr=2e-2)
+        return randopt.RandLoRAAdamW(randopt.param_groups(model, TARGETS + ["proj"], rank=3, alpha=6.0), lr=2e-2)
     mode = kind.removeprefix("lorapro_")
     return randopt.LoRAProAdamW(model, lr=2e-2, mode=mode, weight_decay=0.1)
 
@@ -146,7 +149,8 @@ def parity_case(kind, rank, world, mp_policy=None) -> dict:
     return {"losses": losses, "weights": full_weights(model), "reference_losses": ref_losses,
             "reference_weights": ref_weights, "communicated": dict(opt.communicated),
             "coefficient_bytes": coefficient_bytes(opt), "factor_bytes": factor_bytes(opt),
-            "optimizer_class": type(opt).__name__}
+            "optimizer_class": type(opt).__name__,
+            "fan_in_fan_out_matrices": sum(len(g["params"]) for g in opt.param_groups if g.get("fan_in_fan_out"))}
 
 
 def resume_case(kind, rank, world, out: Path, full: bool) -> dict:
