@@ -86,6 +86,7 @@ def test_trainer_with_fsdp2_trains_and_resumes_from_its_sharded_checkpoint(fsdp_
     assert run["optimizer"] == "RandLoRAAdamW" and run["sharded"]
     assert run["communicated"]["all_reduces"] == 4
     assert {"randopt/lambda_norm", "randopt/update_norm"} <= set(run["logged_metrics"])
+    assert run["adapter_exported"], "RandoptCallback exports the RandLoRA adapter at each save"
     assert run["resumed_losses"] == run["losses"]
     for name, value in run["weights"].items():
         assert torch.equal(run["resumed_weights"][name], value), name

@@ -57,7 +57,7 @@ def make_trainer(out_dir, optimizer_kwargs, model, **overrides):
     with fsdp_on_cpu():
         trainer = Trainer(model=model, args=args, train_dataset=dataset(),
                           optimizer_cls_and_kwargs=randopt_optimizer(**optimizer_kwargs))
-    RandoptCallback.attach(trainer, export_adapter=False)
+    RandoptCallback.attach(trainer)
     return trainer
 
 
@@ -77,7 +77,8 @@ def trainer_case(out_dir, optimizer_kwargs, lora: bool) -> dict:
               "sharded": all(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
               "communicated": dict(optimizer.communicated),
               "logged_metrics": sorted({k for h in trainer.state.log_history for k in h if "/" in k}),
-              "weights": full_weights(trainer.model)}
+              "weights": full_weights(trainer.model),
+              "adapter_exported": (out_dir / "checkpoint-2" / "randopt_adapter" / "adapter_config.json").is_file()}
     resumed = make_trainer(out_dir, optimizer_kwargs, lora_llama() if lora else tiny_llama(torch.float32))
     resumed.train(resume_from_checkpoint=str(out_dir / "checkpoint-2"))
     result["resumed_losses"], result["resumed_weights"] = losses(resumed), full_weights(resumed.model)
