@@ -284,7 +284,7 @@ def export_lora(model: nn.Module, optimizer=None, out_dir=None, *, rank: int | N
         route = method
         if route == "auto":
             route = "dense" if energy is not None else min(
-                export_costs(*shape, layer.B.shape[1], target, oversample=oversample, power_iters=power_iters,
+                export_costs(*shape, layer.stored_B.shape[1], target, oversample=oversample, power_iters=power_iters,
                              exact_energy=exact_energy).items(), key=lambda item: item[1])[0]
         if route == "dense":
             U, S, Vh = torch.linalg.svd(delta_weight(layer, lam, gam, scale, shape), full_matrices=False)

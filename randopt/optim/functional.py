@@ -33,7 +33,7 @@ def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, b
     """Bias-corrected ``m_hat / (sqrt(v_hat) + eps)`` after ``step`` updates of the moments (step >= 1)."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)  # one m x n temporary, not two (LoRA-Pro full)
     return (exp_avg / bias_correction1).div_(denom)
 
 

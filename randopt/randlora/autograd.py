@@ -26,9 +26,9 @@ from .quantized import dense_weight
 
 
 def _backward_costs(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool,
-                    needs_coefficients: bool, through_bases: bool) -> tuple[int, int]:
-    """Multiply-adds of the adapter's backward, (merged, factored); ``g @ W`` is common to both and left out."""
-    c = matmul_flops(layer, tokens)
+                    needs_coefficients: bool, through_bases: bool, dtype=None) -> tuple[float, float]:
+    """Costs of the adapter's backward, (merged, factored); ``g @ W`` is common to both and left out."""
+    c = matmul_flops(layer, tokens, dtype)
     rec, dense, f_big, f_small = c["reconstruct"], c["dense"], c["factored_D"], c["factored_d"]
     input_merged = rec + (0 if same_input else dense)
     if layer.transposed:
@@ -47,34 +47,34 @@ def _backward_costs(layer: LayerBases, tokens: int, same_input: bool, needs_inpu
 
 
 def _forward_merged(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool = False,
-                    needs_coefficients: bool = False) -> bool:
-    c = matmul_flops(layer, tokens)
+                    needs_coefficients: bool = False, dtype=None) -> bool:
+    c = matmul_flops(layer, tokens, dtype)
     merged = c["reconstruct"] + (0 if same_input else c["dense"])
     factored = c["factored_D"] + c["factored_d"]
     if layer.transposed and needs_coefficients:
         # only the factored forward leaves x_a @ B for the backward
-        merged += min(_backward_costs(layer, tokens, same_input, needs_input_grad, True, False))
-        factored += min(_backward_costs(layer, tokens, same_input, needs_input_grad, True, True))
+        merged += min(_backward_costs(layer, tokens, same_input, needs_input_grad, True, False, dtype))
+        factored += min(_backward_costs(layer, tokens, same_input, needs_input_grad, True, True, dtype))
     return merged < factored
 
 
 def _backward_merged(layer: LayerBases, tokens: int, same_input: bool, needs_input_grad: bool,
-                     needs_coefficients: bool = True, through_bases: bool = False) -> bool:
+                     needs_coefficients: bool = True, through_bases: bool = False, dtype=None) -> bool:
     merged, factored = _backward_costs(layer, tokens, same_input, needs_input_grad, needs_coefficients,
-                                       through_bases)
+                                       through_bases, dtype)
     return merged < factored
 
 
 def _canonical_delta(layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
     """``B @ basis`` (``D x d``): ``dW`` itself, or its transpose when ``in > out``."""
-    return layer.B @ basis
+    return layer.b_matmul(basis)
 
 
 def _merged_weight(weight, layer: LayerBases, basis: torch.Tensor) -> torch.Tensor:
     dense = dense_weight(weight, basis.dtype)
-    product = (basis.T, layer.B.T) if layer.transposed else (layer.B, basis)
-    # a dequantized copy is ours to modify; a plain weight is the model's
-    return dense.addmm_(*product) if dense is not weight else torch.addmm(dense, *product)
+    if layer.transposed:
+        return layer.b_matmul(basis, add_to=dense.T).T
+    return layer.b_matmul(basis, add_to=dense)
 
 
 def _linear_into(y: torch.Tensor, x: torch.Tensor, weight, bias) -> torch.Tensor:
@@ -82,6 +82,14 @@ def _linear_into(y: torch.Tensor, x: torch.Tensor, weight, bias) -> torch.Tensor
     if bias is None:
         return torch.mm(x, weight.T, out=y)
     return torch.addmm(bias, x, weight.T, out=y)
+
+
+def _add_pending(total, pending: tuple, layer: LayerBases):
+    """``total + left @ right`` (in place; ``total`` None: the product alone), ``right`` None meaning ``B^T``."""
+    left, right = pending
+    if right is None:
+        return layer.matmul_bt(left, accumulate=total)
+    return left @ right if total is None else total.addmm_(left, right)
 
 
 class RandLoRALinearFunction(torch.autograd.Function):
@@ -106,7 +114,7 @@ class RandLoRALinearFunction(torch.autograd.Function):
         # the output must not be a view (callers may modify it in place), so products write into it
         out = x2.new_empty(x.shape[:-1] + (layer.out_features,))
         y = out.view(tokens, layer.out_features)
-        if _forward_merged(layer, tokens, same_input, needs_input, needs_coefficients):
+        if _forward_merged(layer, tokens, same_input, needs_input, needs_coefficients, x2.dtype):
             if same_input:
                 _linear_into(y, x2, _merged_weight(weight, layer, basis), bias)
             else:
@@ -115,10 +123,10 @@ class RandLoRALinearFunction(torch.autograd.Function):
         else:
             _linear_into(y, x2, weight, bias)
             if layer.transposed:
-                through_bases = xa2 @ layer.B
+                through_bases = layer.matmul_b(xa2)
                 y.addmm_(through_bases, basis)
             else:
-                y.addmm_(xa2 @ basis.T, layer.B.T)
+                layer.matmul_bt(xa2 @ basis.T, accumulate=y)
         keep_through_bases = needs_coefficients and through_bases is not None
         adapter_saved = (through_bases if keep_through_bases else xa2) if needs_coefficients else None
         ctx.layer, ctx.scale, ctx.same_input = layer, scale, same_input
@@ -140,13 +148,12 @@ class RandLoRALinearFunction(torch.autograd.Function):
         needs_coefficients = needs_lam or needs_gam
         g = grad_y.reshape(-1, layer.out_features)
         tokens = g.shape[0]
-        B = layer.B
         lam_scaled = lam * scale
         basis = scaled_basis(layer.A, lam_scaled, gam)
         grad_x = grad_xa = grad_w = grad_b = grad_lam = grad_gam = grad_basis = None
 
         if needs_input or needs_coefficients:
-            if _backward_merged(layer, tokens, same_input, needs_input, needs_coefficients, through_bases):
+            if _backward_merged(layer, tokens, same_input, needs_input, needs_coefficients, through_bases, g.dtype):
                 if needs_input and same_input:
                     grad_x = g @ _merged_weight(weight, layer, basis)
                 elif needs_input:
@@ -156,15 +163,15 @@ class RandLoRALinearFunction(torch.autograd.Function):
                     grad_basis = adapter_saved.T @ g
                 elif needs_coefficients:
                     # B.T @ (weight gradient, canonical D x d); transient, never saved
-                    grad_basis = B.T @ (adapter_saved.T @ g if layer.transposed else g.T @ adapter_saved)
+                    grad_basis = layer.bt_matmul(adapter_saved.T @ g if layer.transposed else g.T @ adapter_saved)
             elif layer.transposed:
                 if needs_coefficients:
-                    tb = adapter_saved if through_bases else adapter_saved @ B
+                    tb = adapter_saved if through_bases else layer.matmul_b(adapter_saved)
                     grad_basis = tb.T @ g
                 if needs_input:
-                    grad_xa = (g @ basis.T, B.T)
+                    grad_xa = (g @ basis.T, None)
             else:
-                gB = g @ B
+                gB = layer.matmul_b(g)
                 if needs_coefficients:
                     grad_basis = gB.T @ adapter_saved
                 if needs_input:
@@ -172,10 +179,10 @@ class RandLoRALinearFunction(torch.autograd.Function):
         if needs_x and grad_x is None:
             grad_x = g @ dense_weight(weight, g.dtype)
             if same_input:
-                grad_x.addmm_(*grad_xa)
+                _add_pending(grad_x, grad_xa, layer)
                 grad_xa = None
         if isinstance(grad_xa, tuple):
-            grad_xa = grad_xa[0] @ grad_xa[1]
+            grad_xa = _add_pending(None, grad_xa, layer)
         if grad_basis is not None:
             grad_lam, grad_gam = coefficient_grads(grad_basis, layer.A, lam_scaled, gam)
             grad_lam = grad_lam.mul_(scale) if needs_lam else None
@@ -183,7 +190,7 @@ class RandLoRALinearFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(grad_y.shape[:-1] + (layer.in_features,))
         if grad_xa is not None:
-            grad_xa = grad_xa.view(grad_y.shape[:-1] + (layer.in_features,))
+            grad_xa = grad_xa.reshape(grad_y.shape[:-1] + (layer.in_features,))
         if needs_w:
             grad_w = g.T @ x2
         if needs_b and ctx.has_bias:

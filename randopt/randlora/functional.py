@@ -49,7 +49,7 @@ def reconstruct(layer: LayerBases, basis: torch.Tensor, scale: float,
     Linear in ``basis``: pass a difference of scaled bases to get the change of the update.
     """
     p, q = canonical_block(layer, rows, cols)
-    block = (layer.B[p] @ basis[:, q]).mul_(scale)
+    block = layer.b_matmul(basis[:, q], rows=p).mul_(scale)
     return block.T if layer.transposed else block
 
 
@@ -87,7 +87,7 @@ def project(G: torch.Tensor, bases, lam: torch.Tensor, gam: torch.Tensor, scale:
     cols = slice(col_start, col_start + G.shape[1])
     p, q = canonical_block(layer, rows, cols)
     Gc = G.T if layer.transposed else G
-    grad_basis = (layer.B[p].T @ Gc).mul_(scale)
+    grad_basis = layer.bt_matmul(Gc, rows=p).mul_(scale)
     grad_lam, grad_gam_block = coefficient_grads(grad_basis, layer.A[:, :, q], lam, gam[:, q])
     if grad_gam_block.shape == gam.shape:
         return grad_lam, grad_gam_block
@@ -96,14 +96,16 @@ def project(G: torch.Tensor, bases, lam: torch.Tensor, gam: torch.Tensor, scale:
     return grad_lam, grad_gam
 
 
-def matmul_flops(layer: LayerBases, tokens: int) -> dict[str, int]:
-    """Multiply-adds of the contraction orders, used to pick the cheaper one per call.
+def matmul_flops(layer: LayerBases, tokens: int, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Costs of the contraction orders in multiply-adds of a dense ``mm``, used to pick the cheaper one per call.
 
-    ``reconstruct``: forming ``dW`` (or projecting a full ``G``): ``D * rN * d``.
+    ``reconstruct``: forming ``dW`` (or projecting a full ``G``): ``D * rN * d`` with ``B``.
     ``dense``: one ``tokens x D x d`` product with a full-size matrix.
-    ``factored``: one ``tokens x rN x (D or d)`` product through the bases.
+    ``factored_D``: one ``tokens x rN x D`` product with ``B``; ``factored_d``: ``tokens x rN x d`` with ``Ahat``.
+    Products with a compact ``B`` (in ``dtype``, default the bases' own) are weighted by ``LayerBases.b_cost``.
     """
     d, D = sorted((layer.out_features, layer.in_features))
-    rn = layer.B.shape[1]
-    return {"reconstruct": D * rn * d, "dense": tokens * D * d, "factored_D": tokens * rn * D,
+    rn = layer.stored_B.shape[1]
+    b_cost = layer.b_cost(layer.A.dtype if dtype is None else dtype)
+    return {"reconstruct": D * rn * d * b_cost, "dense": tokens * D * d, "factored_D": tokens * rn * D * b_cost,
             "factored_d": tokens * rn * d}

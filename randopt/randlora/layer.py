@@ -16,6 +16,7 @@ from .. import validation
 from .bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
 from .functional import delta_weight, init_coefficients
 from .quantized import QuantizedWeight, add_to_quantized, is_quantized
+from .sparse import TernaryMatrix
 
 
 def _conv1d_class():
@@ -60,14 +61,22 @@ class SharedBases(nn.Module):
     def __init__(self, bases: RandLoRABases):
         super().__init__()
         self.register_buffer("A", bases.A, persistent=False)
-        self.register_buffer("B", bases.B, persistent=False)
+        stored = bases.stored_B
+        self.compact_shape = stored.shape if isinstance(stored, TernaryMatrix) else None
+        if self.compact_shape is None:
+            self.register_buffer("B", stored, persistent=False)
+        else:  # compact ternary B: its CSR parts are the buffers, so .to() moves (and casts) them
+            for name, tensor in zip(("B_crow", "B_col", "B_values"), (stored.crow, stored.col, stored.values)):
+                self.register_buffer(name, tensor, persistent=False)
         self.kind, self.seed, self.fingerprint = bases.kind, bases.seed, bases.fingerprint
         self._bases = None
 
     @property
     def bases(self) -> RandLoRABases:
         if self._bases is None:
-            self._bases = RandLoRABases(self.A, self.B, self.kind, self.seed, self.fingerprint)
+            stored = self.B if self.compact_shape is None else TernaryMatrix(self.B_crow, self.B_col, self.B_values,
+                                                                               self.compact_shape)
+            self._bases = RandLoRABases(self.A, stored, self.kind, self.seed, self.fingerprint)
         return self._bases
 
     def _apply(self, fn, *args, **kwargs):
