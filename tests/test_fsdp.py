@@ -71,7 +71,8 @@ def test_checkpoint_resume_is_exact(fsdp_runs, case):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("setup, words", [("fsdp1", "FSDP1"), ("hsdp", "HSDP"), ("8bit", "8bit")])
+@pytest.mark.parametrize("setup, words", [("fsdp1", "FSDP1"), ("hsdp", "HSDP"), ("8bit", "8bit"),
+                                          ("exact", "weight_update='exact'")])
 def test_unsupported_sharding_is_refused(fsdp_runs, setup, words):
     assert words in fsdp_runs["refused"][setup]
 

@@ -212,6 +212,11 @@ def eight_bit():
                                         min_8bit_size=0)
 
 
+def exact_weight_update():
+    model = shard(make_model(False))
+    return model, randopt.RandLoRAAdamW(randopt.param_groups(model, TARGETS, rank=3), weight_update="exact")
+
+
 def main(out_dir):
     rank, world = start_distributed()
     out = Path(out_dir)
@@ -224,7 +229,8 @@ def main(out_dir):
         for full in (False, True):
             results[f"{kind}_resume_{'full' if full else 'sharded'}"] = resume_case(
                 kind, rank, world, out / f"{kind}_checkpoint", full)
-    results["refused"] = {"fsdp1": refused(fsdp1), "hsdp": refused(hsdp), "8bit": refused(eight_bit)}
+    results["refused"] = {"fsdp1": refused(fsdp1), "hsdp": refused(hsdp), "8bit": refused(eight_bit),
+                          "exact": refused(exact_weight_update)}
     results["trainer_randlora"] = trainer_case(out / "trainer_randlora", {"optimizer": "RandLoRAAdamW", "rank": 3,
                                                "target_modules": LLAMA_TARGETS, "alpha": 5.0, "lr": 1e-2}, lora=False)
     results["accelerate_lorapro"] = accelerate_case()
