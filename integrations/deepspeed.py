@@ -150,7 +150,19 @@ def initialize(model: nn.Module = None, config=None, **kwargs):
             raise ValueError(f'pass either optimizer= or a "{CONFIG_KEY}" block in the config, not both')
         optimizer, config = optimizer_from_config(model, config)
         kwargs["optimizer"] = optimizer
-    return deepspeed.initialize(model=model, config=config, **kwargs)
+    result = deepspeed.initialize(model=model, config=config, **kwargs)
+    track_skipped_steps(result[0])
+    return result
+
+
+def track_skipped_steps(engine) -> None:
+    """Let the randopt optimizer inside ``engine`` report the steps DeepSpeed skips as a whole: with a NaN/inf
+    gradient the engine skips the step without calling the optimizer, so the optimizer's ``nonfinite_skips`` stays
+    0; ``optimizer.engine_skipped_steps`` (and ``RandoptCallback``'s ``randopt/engine_skipped_steps``) reads the
+    engine's count. ``initialize`` calls it; after a plain ``deepspeed.initialize``, call it yourself."""
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if hasattr(optimizer, "engine_skipped_steps"):
+        optimizer.engine = engine
 
 
 def _trainer_deepspeed_config(trainer):

@@ -96,6 +96,8 @@ def randlora_metrics(optimizer: RandLoRAAdamW) -> dict[str, float]:
 def optimizer_metrics(optimizer) -> dict[str, float]:
     """What users of these methods watch, for whichever randopt optimizer is in use."""
     metrics = {"randopt/nonfinite_skips": float(optimizer.nonfinite_skips)}
+    if optimizer.engine is not None:
+        metrics["randopt/engine_skipped_steps"] = float(optimizer.engine_skipped_steps)
     if isinstance(optimizer, RandLoRAAdamW):
         metrics.update(randlora_metrics(optimizer))
     extra = getattr(optimizer, "metrics", None)
@@ -142,6 +144,10 @@ class RandoptCallback(TrainerCallback):
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         ours = unwrap_optimizer(optimizer)
+        if getattr(ours, "decay_base_weight", False):
+            warnings.warn("RandoptCallback: LoRAProAdamW(decay_base_weight=True) decays the frozen base weights in place: "
+                          "the adapter in this checkpoint does not reproduce the trained model without them, and a "
+                          "resume from it starts from the undecayed base; save the base weights too", stacklevel=2)
         if not self.export_adapter or not isinstance(ours, RandLoRAAdamW) or not state.is_world_process_zero:
             return
         from randopt.integrations.peft import export_randlora_adapter

@@ -180,7 +180,7 @@ def test_full_mode_steps_match_the_dense_reference(tokens):
     reference = copy.deepcopy(model)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n or "base_layer" in n}
     lr, betas, eps, wd = 3e-2, (0.8, 0.95), 1e-6, 0.5
-    opt = LoRAProAdamW(model, lr=lr, betas=betas, eps=eps, weight_decay=wd, mode="full")
+    opt = LoRAProAdamW(model, lr=lr, betas=betas, eps=eps, weight_decay=wd, mode="full", decay_base_weight=True)
     layers = lora_layers(reference)
     moments = {name: (torch.zeros(l.out_features, l.in_features, dtype=F64),
                       torch.zeros(l.out_features, l.in_features, dtype=F64)) for name, l in layers.items()}
@@ -258,7 +258,7 @@ def test_peft_active_adapter_rslora_and_plain_params(make_model, targets, mode, 
     assert all(p.scale == pytest.approx(6.0 / math.sqrt(4)) for p in pairs)  # rsLoRA, not alpha / r = 1.5
     assert all(p.base_weight is not None for p in pairs)
 
-    opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.1, mode=mode)
+    opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.1, mode=mode, decay_base_weight=True)
     plain_groups = [g["params"] for g in opt.param_groups if g["lora_scale"] is None]
     assert len(plain_groups) == 1 and len(plain_groups[0]) == 1 and plain_groups[0][0] is norm
     torch_adamw = torch.optim.AdamW([norm_clone := norm.detach().clone().requires_grad_(True)],

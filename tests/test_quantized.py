@@ -296,12 +296,15 @@ def test_lorapro_on_a_quantized_base_follows_the_dequantized_base(kind, mode, to
 
 @pytest.mark.parametrize("kind", ["nf4", "nf4-bf16-storage", "int8"])
 def test_lorapro_full_mode_never_writes_a_quantized_base(kind, tokens):
-    """Weight decay in full mode scales W0 in place on a float base; a packed W0 (even one stored as bf16 bytes,
-    which looks like a float tensor) is left alone, with a warning that the decay covers the LoRA update only."""
+    """Full mode decays W0 only when asked (decay_base_weight=True), and a packed W0 (even one stored as bf16
+    bytes, which looks like a float tensor) cannot take it: refused. By default W0 is left alone, silently."""
     from randopt import LoRAProAdamW
     model, _ = quantized_lora(kind)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if is_quantized(p)}
-    with pytest.warns(UserWarning, match="cannot take a written update"):
+    with pytest.raises(ValueError, match="cannot decay a quantized W0"):
+        LoRAProAdamW(model, lr=1e-2, weight_decay=0.5, mode="full", decay_base_weight=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         opt = LoRAProAdamW(model, lr=1e-2, weight_decay=0.5, mode="full")
     for _ in range(2):
         opt.zero_grad()

@@ -203,3 +203,76 @@ def test_fused_backward_without_zero_grad_keeps_accumulating_like_grad_does():
         optimizer.step()
     optimizer.zero_grad()
     assert not optimizer._accumulated and model.q.bias.grad is None
+
+
+# ----- LoRAProAdamW's base-weight decay is opt-in ----------------------------------------------------------------
+def test_lorapro_full_mode_leaves_w0_alone_unless_asked():
+    A, B = torch.nn.Parameter(torch.randn(2, 6)), torch.nn.Parameter(torch.randn(4, 2))
+    W0 = torch.randn(4, 6)
+    original = W0.clone()
+    for decay in (False, True):
+        optimizer = randopt.LoRAProAdamW(lorapro_groups([(A, B, 1.0, W0)]), weight_decay=0.5, lr=0.1,
+                                         decay_base_weight=decay)
+        (torch.randn(3, 6) @ (W0 + B @ A).T).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if not decay:
+            assert torch.equal(W0, original)
+    torch.testing.assert_close(W0, original * (1 - 0.1 * 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lorapro_base_decay_is_refused_where_it_cannot_be_exact(dtype):
+    A, B = torch.nn.Parameter(torch.randn(2, 6)), torch.nn.Parameter(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="decay_base_weight=True cannot decay a"):
+        randopt.LoRAProAdamW(lorapro_groups([(A, B, 1.0, torch.randn(4, 6, dtype=dtype))]), decay_base_weight=True)
+    with pytest.raises(ValueError, match="needs the pair's frozen W0"):
+        randopt.LoRAProAdamW(lorapro_groups([(A, B, 1.0)]), decay_base_weight=True)
+    randopt.LoRAProAdamW(lorapro_groups([(A, B, 1.0, torch.randn(4, 6, dtype=dtype))]))  # off: fine
+    randopt.LoRAProAdamW(lorapro_groups([(A, B, 1.0)]), decay_base_weight=True, mode="efficient")  # no W0 decay there
+
+
+def test_lorapro_warns_about_lora_on_embeddings():
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.warns(UserWarning, match="LoRA on an embedding"):
+        optimizer = randopt.LoRAProAdamW(model)
+    plain = [g for g in optimizer.param_groups if g["lora_scale"] is None]
+    assert any(p is model.base_model.model.model.embed_tokens.lora_embedding_A["default"]
+               for g in plain for p in g["params"])
+
+
+def test_trainer_callback_warns_at_save_when_base_decay_was_on(tmp_path):
+    transformers_integration = pytest.importorskip("randopt.integrations.transformers")
+    from types import SimpleNamespace
+    A, B = torch.nn.Parameter(torch.randn(2, 6)), torch.nn.Parameter(torch.randn(4, 2))
+    callback = transformers_integration.RandoptCallback(export_adapter=False)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=1, is_world_process_zero=True)
+    with pytest.warns(UserWarning, match="decay_base_weight=True"):
+        callback.on_save(args, state, None, optimizer=randopt.LoRAProAdamW(
+            lorapro_groups([(A, B, 1.0, torch.randn(4, 6))]), decay_base_weight=True))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_save(args, state, None, optimizer=randopt.LoRAProAdamW(lorapro_groups([(A, B, 1.0)])))
+
+
+def test_steps_the_deepspeed_engine_skips_are_counted(monkeypatch):
+    deepspeed = pytest.importorskip("deepspeed")
+    plugin = pytest.importorskip("randopt.integrations.deepspeed")
+    transformers_integration = pytest.importorskip("randopt.integrations.transformers")
+    from types import SimpleNamespace
+    model = TwoLayer()
+    engine = SimpleNamespace(skipped_steps=0)
+
+    def fake_initialize(model, config, optimizer):
+        engine.basic_optimizer = optimizer
+        return engine, optimizer, None, None
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    _, optimizer, _, _ = plugin.initialize(model=model, config={"randopt": {
+        "optimizer": "RandLoRAAdamW", "params": {"rank": 2}, "target_modules": ["q", "v"]}})
+    assert optimizer.engine_skipped_steps == 0
+    engine.skipped_steps = 3  # the engine saw NaN gradients three times and never called the optimizer
+    assert optimizer.engine_skipped_steps == 3 and optimizer.nonfinite_skips == 0
+    assert transformers_integration.optimizer_metrics(optimizer)["randopt/engine_skipped_steps"] == 3.0

@@ -6,10 +6,13 @@ Each LoRA pair ``(A, B, scale[, W0])`` is its own parameter group (``params == [
 
 - ``"full"`` (the paper): Adam moments of the equivalent gradient at full ``m x n`` size, the
   bias-corrected Adam direction ``D`` projected back through the closed form, an SGD step on A, B.
-  Decoupled weight decay decays the whole ``W``: A and B by ``sqrt(1 - lr*wd)``, ``W0`` by
-  ``1 - lr*wd`` (decay first, then the step, as ``torch.optim.AdamW``; the adjustment uses the
-  factors at which the gradient was taken). Without a ``W0`` handle only ``s B A`` is decayed; a
-  bf16 ``W0`` barely decays (``1 - lr*wd`` rounds to 1 in bf16 for typical values).
+  Decoupled weight decay decays the LoRA update ``s B A``: A and B by ``sqrt(1 - lr*wd)`` (decay first, then
+  the step, as ``torch.optim.AdamW``; the adjustment uses the factors at which the gradient was taken). The
+  paper also decays the frozen ``W0`` by ``1 - lr*wd``: that is opt-in (``decay_base_weight=True``), because it
+  changes the base model in place, so the saved adapter alone no longer reproduces the trained model and a
+  resume from an adapter checkpoint starts from the undecayed ``W0``. It is refused where it cannot be exact:
+  a ``W0`` in bf16/fp16 (``1 - lr*wd`` rounds to 1) or quantized, or a pair whose ``W0`` is not found (e.g. a
+  model partitioned by ZeRO-3 at load).
 - ``"efficient"``: low-rank AdamW (moments of A's and B's size) on the adjusted ``gA, gB``.
 
 State (tensors only, through ``randopt.optim.state``): ``state[A]`` holds the pair's ``step`` and
@@ -82,18 +85,6 @@ def _base_weight(module):
     return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2 else None
 
 
-def _base_to_decay(base_weight, group: dict):
-    """The ``W0`` full mode's weight decay scales in place, or None. A quantized ``W0`` cannot take a written update:
-    it is left as it is (full mode's decay then applies to the LoRA update only), with a warning when decay is on."""
-    if not is_quantized(base_weight):
-        return base_weight
-    if group["mode"] == "full" and group["weight_decay"]:
-        warnings.warn("LoRAProAdamW: a LoRA layer's base weight is quantized (bitsandbytes) and cannot take a written "
-                      "update, so full mode's weight decay is applied to the LoRA update only, not to W0",
-                      stacklevel=4)
-    return None
-
-
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     """Every (lora_A, lora_B, scaling) of the active adapter(s) in a PEFT-style LoRA model.
 
@@ -101,12 +92,17 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     dict (read as PEFT uses it: ``alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA) and ``active_adapters``.
     Layers whose factors are not 2-D (Conv2d LoRA) or that use DoRA are not LoRA-Pro's math: they are
     skipped with a warning and their parameters fall back to plain AdamW. With several active adapters
-    on one layer, only the first gets the ``W0`` handle so full mode decays ``W0`` once.
+    on one layer, only the first gets the ``W0`` handle so full mode decays ``W0`` once. LoRA on embeddings
+    (``lora_embedding_A``/``B``) is not LoRA-Pro's math either: warned about the same way.
     """
     pairs, lora_layers = [], 0
     for name, module in model.named_modules():
         lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
         scaling = getattr(module, "scaling", None)
+        embedding_A = getattr(module, "lora_embedding_A", None)
+        if isinstance(embedding_A, nn.ParameterDict) and any(a in embedding_A for a in _active_adapters(module)):
+            warnings.warn(f"{name}: LoRA on an embedding is not LoRA-Pro's math (no 2-D pair of linear factors); its "
+                          "parameters get plain AdamW", stacklevel=2)
         if not (isinstance(lora_A, nn.ModuleDict) and isinstance(lora_B, nn.ModuleDict)
                 and isinstance(scaling, dict)):
             continue
@@ -231,13 +227,15 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, mode: str = "full", x_mode: str = "sylvester",
-                 rcond: float | None = None, *, state_dtype: str = "fp32", min_8bit_size: int = MIN_8BIT_SIZE):
+                 rcond: float | None = None, *, state_dtype: str = "fp32", min_8bit_size: int = MIN_8BIT_SIZE,
+                 decay_base_weight: bool = False):
         options = self.check_arguments(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, mode=mode,
                                        x_mode=x_mode, rcond=rcond, state_dtype=state_dtype,
-                                       min_8bit_size=min_8bit_size)
+                                       min_8bit_size=min_8bit_size, decay_base_weight=decay_base_weight)
         defaults = {**{k: options[k] for k in GROUP_OPTIONS if k != "lora_scale"}, "lora_scale": None, "name": None}
         self.state_dtype = options["state_dtype"]
         self.min_8bit_size = options["min_8bit_size"]
+        self.decay_base_weight = options["decay_base_weight"]
         self._model = params if isinstance(params, nn.Module) else None
         params = model_groups(params) if self._model is not None else check_params(params)
         self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS)
@@ -278,14 +276,15 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         merged = {**self.defaults, **group}
         self._check_options(merged)
         group = check_options(group)
-        base_weight = _base_to_decay(base_weight, merged)
         if merged["lora_scale"] is None:
             refuse_quantized([(f"params[{i}]", p) for i, p in enumerate(params)], "LoRAProAdamW")
         else:
             if len(params) != 2:
                 raise ValueError(f"{merged['name']}: a LoRA pair group holds params [A, B], got {len(params)}")
-            _check_pair(merged["name"] or "pair", *params, base_weight)
+            # a packed (quantized) W0 has its storage's shape: _base_to_decay speaks for it
+            _check_pair(merged["name"] or "pair", *params, None if is_quantized(base_weight) else base_weight)
             group["params"] = params
+        base_weight = self._base_to_decay(base_weight, merged)
         super().add_param_group(group)
         self._remember_group(self.param_groups[-1])
         self._group_checks.accept(self.param_groups[-1])
@@ -296,7 +295,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         """Re-key the base-weight handles. fully_shard (through accelerate, or the Trainer) also swaps each base
         weight for a DTensor the optimizer was not given: an optimizer built from the model finds it there."""
         self._base_weights = {replaced.get(A, A): weight for A, weight in self._base_weights.items()}
-        if self._model is not None:
+        if self._model is not None and self.decay_base_weight:
             found = {pair.A: pair.base_weight for pair in find_lora_pairs(self._model)}
             self._base_weights.update((A, found[A]) for A in self._base_weights if A in found)
         for group in self._all_groups:
@@ -313,6 +312,22 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                                    "optimizer was built, but the base weight W0 it was given (for full mode's weight "
                                    "decay) is not the one in the model now: build LoRAProAdamW from the model "
                                    "(LoRAProAdamW(model)), or after sharding")
+
+    def _base_to_decay(self, base_weight, group: dict):
+        """The ``W0`` full mode's weight decay scales in place (``decay_base_weight=True``), or None; refused where the
+        decay cannot be exact."""
+        if not (self.decay_base_weight and group["lora_scale"] is not None and group["mode"] == "full"):
+            return None
+        name = group["name"] or "pair"
+        if base_weight is None:
+            raise ValueError(f"{name}: decay_base_weight=True needs the pair's frozen W0, and none was found (pass "
+                             "lorapro_groups([(A, B, scale, W0)]); under DeepSpeed ZeRO-3 build the optimizer before the "
+                             "model is partitioned); or keep decay_base_weight=False")
+        if is_quantized(base_weight) or base_weight.dtype not in (torch.float32, torch.float64):
+            kind = "quantized" if is_quantized(base_weight) else str(base_weight.dtype).removeprefix("torch.")
+            raise ValueError(f"{name}: decay_base_weight=True cannot decay a {kind} W0 exactly (a quantized W0 cannot "
+                             "take a written update; in bf16/fp16 1 - lr*wd rounds to 1); keep decay_base_weight=False")
+        return base_weight
 
     def _check_state(self, group: dict) -> None:
         if group["lora_scale"] is None:

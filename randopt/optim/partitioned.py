@@ -28,7 +28,15 @@ class PartitionAwareOptimizer(Optimizer):
         """What the calls of the current real step leave for its last call (the subclass's format)."""
         self.communicated = {"all_reduces": 0, "bytes": 0}
         """Collective calls this optimizer made and the bytes it reduced (per process), over its lifetime."""
+        self.engine = None
+        """The DeepSpeed engine running this optimizer, when known (``randopt.integrations.deepspeed``)."""
         super().__init__(params, defaults)
+
+    @property
+    def engine_skipped_steps(self) -> int:
+        """Whole steps the DeepSpeed engine skipped (a NaN/inf gradient under its loss scaling or overflow check):
+        it then never calls this optimizer, so ``nonfinite_skips`` cannot count them. 0 without an engine."""
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
 
     def _remember_group(self, group: dict) -> None:
         """Call from ``add_param_group`` with the group dict as stored in ``self.param_groups``."""
@@ -239,3 +247,4 @@ class PartitionAwareOptimizer(Optimizer):
         self.__dict__.setdefault("_real_step", RealStep())
         self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("communicated", {"all_reduces": 0, "bytes": 0})
+        self.__dict__.setdefault("engine", None)

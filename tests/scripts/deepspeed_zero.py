@@ -65,7 +65,7 @@ def lora_llama(seed=0, factor_seed=None):
 
 
 MODELS = {"llama": (llama, LLAMA_TARGETS), "gpt2": (gpt2, GPT2_TARGETS), "lora_llama": (lora_llama, None)}
-LORAPRO_OPTIONS = dict(lr=1e-2, weight_decay=0.1)
+LORAPRO_OPTIONS = dict(lr=1e-2, weight_decay=0.1, decay_base_weight=True)  # the W0 decay is under test too
 CASES = [
     # name, model, zero config, gradient accumulation, clipping, how the optimizer reaches DeepSpeed, extra config
     dict(name="zero1", model="llama", zero={"stage": 1}, gas=1, clip=0.0, route="client"),

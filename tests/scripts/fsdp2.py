@@ -68,7 +68,7 @@ def make_optimizer(kind: str, model):
     if kind == "randlora":
         return randopt.RandLoRAAdamW(randopt.param_groups(model, TARGETS + ["proj"], rank=3, alpha=6.0), lr=2e-2)
     mode = kind.removeprefix("lorapro_")
-    return randopt.LoRAProAdamW(model, lr=2e-2, mode=mode, weight_decay=0.1)
+    return randopt.LoRAProAdamW(model, lr=2e-2, mode=mode, weight_decay=0.1, decay_base_weight=True)
 
 
 def shard(model, mp_policy=None, mesh=None):

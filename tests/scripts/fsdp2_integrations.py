@@ -98,7 +98,7 @@ def accelerate_case() -> dict:
     import randopt
 
     model = lora_llama()
-    optimizer = randopt.LoRAProAdamW(model, lr=1e-2, mode="full", weight_decay=0.1)
+    optimizer = randopt.LoRAProAdamW(model, lr=1e-2, mode="full", weight_decay=0.1, decay_base_weight=True)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
                                             auto_wrap_policy="transformer_based_wrap")
     with fsdp_on_cpu():
