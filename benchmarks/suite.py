@@ -131,8 +131,7 @@ SWEEP_GRID = {
     FULL: [2e-5, 5e-5, 1e-4, 2e-4],
     LORA8: [3e-4, 1e-3, 3e-3],
     LORA64: [1e-4, 3e-4, 1e-3],
-    RANDLORA: [2e-4, 5e-4, 1.5e-3] + [{"alpha": alpha, "lr": lr} for alpha, lr in
-                                       ((64, 6e-4), (64, 2e-3), (64, 6e-3), (200, 6e-4), (200, 2e-3))],
+    RANDLORA: [2e-4, 5e-4, 1.5e-3] + [{"alpha": 64, "lr": lr} for lr in (6e-4, 2e-3, 6e-3)],
     "LoRA-Pro full r8": [5e-5, 1.5e-4, 5e-4],
     "LoRA-Pro efficient r8": [3e-4, 1e-3, 3e-3],
     CONT_SQUEEZE: [{"high_fraction": f} for f in (1 / 3, 2 / 3, 5 / 6)],
