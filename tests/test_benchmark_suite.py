@@ -129,7 +129,8 @@ def test_cache_reuses_finished_jobs(tmp_path, no_data_packages, monkeypatch):
 
     monkeypatch.setattr(suite, "run_job", refuse)
     suite.main(args)
-    assert (tmp_path / "suite.md").read_text().split("| method |")[1] == first.split("| method |")[1]
+    again = (tmp_path / "suite.md").read_text()
+    assert again.split("| method |")[1] == first.split("| method |")[1] and "came from `--cache`" in again
     monkeypatch.setitem(suite.METHODS, suite.LORA8, suite.Method(suite.peft_lora, 5e-4))  # a changed method runs
     with pytest.raises(AssertionError, match="ran again"):
         suite.main(args)
