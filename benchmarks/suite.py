@@ -7,7 +7,7 @@ with the classification head trained in all of them, and is scored by test accur
 seeds), learned parameters, optimizer-state bytes, time per step and peak memory. Writes
 ``suite.md`` and two plots (``suite_loss.png``, ``suite_accuracy_vs_params.png``) into ``--out``.
 
-Each (task, method) runs in a fresh Python process (all its seeds in turn), so its peak memory is its own
+Each (seed, task, method) runs in a fresh Python process, seed by seed, so its peak memory is its own
 (see ``peak_memory``); ``--workers`` such processes run side by side. ``--quick`` is a smoke test of the
 script itself: a tiny randomly initialised BERT with a character-level tokenizer, a synthetic task,
 a few steps, one seed, everything in this process, nothing downloaded and no data package needed.
@@ -371,10 +371,12 @@ def task_table(rows: list[dict], failures: list[dict], names: list[str]) -> str:
     headers = ["method", "test accuracy (%)", "learned parameters", "optimizer state (MiB)", "step (ms, wall)",
                "step (ms, CPU)", "peak memory (MiB)", "lr",
                *(["steps at each rank", "squeeze time (s, wall, all squeezes)"] if squeeze else []), "setup"]
-    table = []
+    table, most_seeds = [], max((row["seeds"] for row in rows), default=0)
     for row in rows:
         derived = row["method"] in DERIVED
         acc = f"{row['accuracy']:.1f} ± {row['accuracy_std']:.1f}" if row["seeds"] > 1 else f"{row['accuracy']:.1f}"
+        if row["seeds"] < most_seeds:
+            acc += f" ({row['seeds']} seed{'s' if row['seeds'] > 1 else ''})"
         ranks = ", ".join(f"r{rank}: {count}" for rank, count in row["steps_at_rank_mean"].items()) or "-"
         seconds = "-" if row.get("squeeze_seconds") is None else f"{row['squeeze_seconds']:.2f}"
         table.append([row["method"], acc, f"{row['learned'] / 1e6:.3f}M", fmt_bytes(row["state_mb"]),
@@ -620,12 +622,13 @@ def parse_args(argv):
 
 
 def jobs_for(args, names: list[str]) -> list[dict]:
-    """One job per task and trained method (a derived row's source is trained if the row is asked for)."""
+    """One job per seed, task and trained method (a derived row's source is trained if the row is asked for),
+    seed by seed: a run stopped early (or its ``--cache``) holds whole seeds of every method."""
     trained = [n for n in METHODS if n in names or any(DERIVED[d] == n for d in names if d in DERIVED)]
-    return [{"task": task, "method": name, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
+    return [{"task": task, "method": name, "seeds": [seed], "steps": args.steps, "batch_size": args.batch_size,
              "model": args.model, "examples": args.examples, "threads": args.threads, "setting": None,
              "derived": [d for d in names if DERIVED.get(d) == name], "validation": args.sweep}
-            for task in args.tasks for name in trained]
+            for seed in args.seeds for task in args.tasks for name in trained]
 
 
 def cached(runner: Callable[[dict], list[dict]], cache: Path | None) -> Callable[[dict], list[dict]]:
@@ -792,7 +795,7 @@ def main(argv=None) -> None:
         "(`VmHWM` after the run minus `VmRSS` before it, with the peak mark reset through "
         "`/proc/self/clear_refs`) from just before the base model is loaded to the end of training and "
         "evaluation, so it includes the model's weights (87 MiB for MiniLM), gradients, optimizer state and "
-        "activations; mean over seeds, each (task, method) in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536`.",
+        "activations; mean over seeds, each (seed, task, method) in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536`.",
         "",
         f"Learning rates: {rates}. {LR_SWEEP}",
         f"Gender task: {GENDER_LIMIT:,} names sampled (balanced) from gender-guesser's list to keep the run short.",
