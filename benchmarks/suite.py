@@ -393,6 +393,36 @@ def task_table(rows: list[dict], failures: list[dict], names: list[str]) -> str:
     return markdown_table(headers, table)
 
 
+def squeeze_section(names: list[str]) -> list[str]:
+    """How the LoRA-Squeeze rows spend the budget, where their settings come from."""
+    if not any(name in DERIVED or name.startswith(("cont_squeeze", "in_squeeze")) for name in names):
+        return []
+    return ["## LoRA-Squeeze rows", "", f"""\
+Every row takes the LoRA r8 row's budget: the same 150 optimizer steps on the same batches in the same order for
+a given seed (one data stream; a squeeze happens between two steps), and ends as an r8 adapter (the energy row:
+per-layer ranks averaging at most 8) plus the classification head. LoRA r64 has its own learning rate from the
+validation sweep ({LORA64_LR:g}, [suite_sweep_r64.md](suite_sweep_r64.md)); squeezes keep each layer's scale
+alpha/r = 2 (`alpha="keep_scale"`).
+
+- `{SQUEEZED}`: the trained r64 model squeezed post hoc with `randopt.squeeze(model, rank=8)` (exact factored SVD),
+  loaded with `PeftModel.from_pretrained` on a fresh base model.
+- `{ENERGY_SQUEEZED}`: the same r64 model squeezed with `randopt.squeeze(model, energy=e)`, `e` the largest
+  threshold whose per-layer ranks average at most 8 (bisection, counted in the squeeze time).
+- `{CONT_SQUEEZE}`: r64 for {CONT_HIGH_FRACTION:.3g} of the steps, `squeeze_in_training(model, None, rank=8)`, then
+  a fresh torch AdamW at LoRA r8's rate ({LR["LoRA"]:g}) for the rest; the share was chosen on the validation split
+  ([suite_sweep_cont.md](suite_sweep_cont.md)).
+- `{IN_SQUEEZE}` / `{IN_SQUEEZE_RESET}`: `maybe_squeeze` after every step with `RankSchedule.geometric(64, 8, 150, 4)`
+  (64 -> 32 -> 16 -> 8, about 37 steps each), torch AdamW at LoRA r64's rate; the moments projected into the new
+  factors (`moments="project"`) or zeroed (`"reset"`, what other trainers do); step counts kept in both.
+- `{IN_SQUEEZE_LORAPRO}`: the same schedule with LoRAProAdamW (full mode, LoRA-Pro full r8's rate
+  {LR["LoRA-Pro full"]:g}): it composes, since full mode's moments are of the m x n equivalent gradient, which does
+  not depend on the factorisation, and `maybe_squeeze` sets the pair group's `lora_scale` to the new scale.
+
+Squeeze time: wall seconds of all squeezes of a run (SVDs, optimizer-state moves, writing the adapter for the
+post-hoc rows), mean over seeds; the machine is shared, so it carries other processes' load.
+""", ""]
+
+
 EIGHT_BIT_TOLERANCE = 0.5  # accuracy points
 
 
@@ -756,6 +786,7 @@ def main(argv=None) -> None:
                      f"{len(task.train):,} train / {len(task.test):,} test examples; majority class "
                      f"{100 * majority:.1f}% of the test split.", "", table, ""]
     sections += eight_bit_section(results, tasks, names)
+    sections += squeeze_section(names)
     failures = [r for r in results if "error" in r]
     if failures:
         sections += ["## Failures", ""]
