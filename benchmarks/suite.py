@@ -81,8 +81,11 @@ SPARSE_ROWS = [RANDLORA, "randlora_adamw_r32_sparse", "randlora_adamw_r32_very_s
 """The rows of ``suite_sparse.md``: RandLoRAAdamW with dense, sparse and very sparse ternary bases."""
 RANDLORA_NOTE = "RandLoRA r32 (scale 20) on q,k,v,dense"
 LR = LEARNING_RATES
-LORA64_LR = 3e-4
+LORA64_LR = 1e-4
 """LoRA r64's own rate from the sweep (``suite_sweep_r64.md``)."""
+SQUEEZE_HIGH_LR = 3e-4
+"""AdamW's rate in Cont-Squeeze's r64 phase and In-Squeeze: the geometric middle of r64's and r8's rates, set
+before r64's sweep was in (not swept itself)."""
 CONT_HIGH_FRACTION = 2 / 3
 """Cont-Squeeze's share of the budget at r64, chosen on the validation split (``suite_sweep_cont.md``)."""
 SQUEEZE_NOTE = f"LoRA r64 (alpha 128) on q,k,v,dense, squeezed to r{SQUEEZE_RANK} (alpha keeps the scale 2)"
@@ -105,13 +108,13 @@ METHODS: dict[str, Method] = {
     "randlora_adamw_r32_very_sparse": Method(randlora_adamw, LR["RandLoRA"],
                                              RANDLORA_NOTE + "; very sparse bases (density 1/sqrt(D))",
                                              {"basis_kind": "very_sparse"}),
-    CONT_SQUEEZE: Method(cont_squeeze, LORA64_LR, SQUEEZE_NOTE + " in place after the given share of the steps, "
+    CONT_SQUEEZE: Method(cont_squeeze, SQUEEZE_HIGH_LR, SQUEEZE_NOTE + " in place after the given share of the steps, "
                          f"then a fresh AdamW at r{SQUEEZE_RANK} with LoRA r8's rate",
                          {"high_fraction": CONT_HIGH_FRACTION, "target": SQUEEZE_RANK, "target_lr": LR["LoRA"]}),
-    IN_SQUEEZE: Method(in_squeeze, LORA64_LR, "LoRA r64 annealed 64 -> 32 -> 16 -> 8 in 4 equal stages "
+    IN_SQUEEZE: Method(in_squeeze, SQUEEZE_HIGH_LR, "LoRA r64 annealed 64 -> 32 -> 16 -> 8 in 4 equal stages "
                        "(RankSchedule.geometric + maybe_squeeze, torch AdamW); moments projected into the new factors",
                        {"target": SQUEEZE_RANK, "moments": "project"}),
-    IN_SQUEEZE_RESET: Method(in_squeeze, LORA64_LR, "as in_squeeze_r8_project with the moments reset to zero at "
+    IN_SQUEEZE_RESET: Method(in_squeeze, SQUEEZE_HIGH_LR, "as in_squeeze_r8_project with the moments reset to zero at "
                              "each squeeze (step counts kept)", {"target": SQUEEZE_RANK, "moments": "reset"}),
     IN_SQUEEZE_LORAPRO: Method(in_squeeze, LR["LoRA-Pro full"], "as in_squeeze_r8_project with LoRAProAdamW "
                                "(full mode: its m x n moments carry over unchanged)",
@@ -122,10 +125,10 @@ DERIVED = {SQUEEZED: LORA64, ENERGY_SQUEEZED: LORA64}
 SAME_LR = {"RandLoRAAdamW r32 8-bit": RANDLORA, "LoRA-Pro full r8 8-bit": "LoRA-Pro full r8",
            "PEFT RandLora r32 (AdamW)": RANDLORA, "module route r32 (AdamW)": RANDLORA,
            "randlora_adamw_r32_sparse": RANDLORA, "randlora_adamw_r32_very_sparse": RANDLORA,
-           IN_SQUEEZE: LORA64, IN_SQUEEZE_RESET: LORA64, IN_SQUEEZE_LORAPRO: "LoRA-Pro full r8"}
+           IN_SQUEEZE_LORAPRO: "LoRA-Pro full r8"}
 """Methods that take another's learning rate instead of a sweep of their own: 8-bit variants their fp32
 method's; PEFT RandLora, the module route and the sparse bases RandLoRAAdamW's (the same update rule);
-the squeeze modes the rate of the method they start as (Cont-Squeeze: LoRA r64's, then LoRA r8's)."""
+In-Squeeze with LoRA-Pro LoRA-Pro full r8's; In-Squeeze and Cont-Squeeze with AdamW ``SQUEEZE_HIGH_LR``."""
 
 SWEEP_GRID = {
     FULL: [2e-5, 5e-5, 1e-4, 2e-4],
@@ -144,8 +147,9 @@ Learning rates were chosen by `python -m benchmarks.suite --sweep --tasks polari
 batch 32, accuracy on a validation split: the last 20% of the training split; the test split was not used)
 over `SWEEP_GRID` ([suite_sweep.md](suite_sweep.md); LoRA r64's own rate: [suite_sweep_r64.md](suite_sweep_r64.md)).
 The other methods take a swept method's rate: the 8-bit variants their fp32 method's, PEFT RandLora, the module
-route and the sparse bases RandLoRAAdamW's (the same update rule), the squeeze modes the rate of the method they
-start as.
+route and the sparse bases RandLoRAAdamW's (the same update rule); In-Squeeze and Cont-Squeeze's r64 phase with
+AdamW 3e-4 (between r64's and r8's rates, not swept), then Cont-Squeeze LoRA r8's rate; In-Squeeze with LoRA-Pro
+LoRA-Pro full r8's.
 """
 
 
@@ -408,11 +412,13 @@ alpha/r = 2 (`alpha="keep_scale"`).
   loaded with `PeftModel.from_pretrained` on a fresh base model.
 - `{ENERGY_SQUEEZED}`: the same r64 model squeezed with `randopt.squeeze(model, energy=e)`, `e` the largest
   threshold whose per-layer ranks average at most 8 (bisection, counted in the squeeze time).
-- `{CONT_SQUEEZE}`: r64 for {CONT_HIGH_FRACTION:.3g} of the steps, `squeeze_in_training(model, None, rank=8)`, then
+- `{CONT_SQUEEZE}`: r64 (AdamW at {SQUEEZE_HIGH_LR:g}, as In-Squeeze) for {CONT_HIGH_FRACTION:.3g} of the steps,
+  `squeeze_in_training(model, None, rank=8)`, then
   a fresh torch AdamW at LoRA r8's rate ({LR["LoRA"]:g}) for the rest; the share was chosen on the validation split
   ([suite_sweep_cont.md](suite_sweep_cont.md)).
 - `{IN_SQUEEZE}` / `{IN_SQUEEZE_RESET}`: `maybe_squeeze` after every step with `RankSchedule.geometric(64, 8, 150, 4)`
-  (64 -> 32 -> 16 -> 8, about 37 steps each), torch AdamW at LoRA r64's rate; the moments projected into the new
+  (64 -> 32 -> 16 -> 8, about 37 steps each), torch AdamW at {SQUEEZE_HIGH_LR:g} (between r64's and r8's swept rates;
+  set before r64's sweep was in, not swept itself); the moments projected into the new
   factors (`moments="project"`) or zeroed (`"reset"`, what other trainers do); step counts kept in both.
 - `{IN_SQUEEZE_LORAPRO}`: the same schedule with LoRAProAdamW (full mode, LoRA-Pro full r8's rate
   {LR["LoRA-Pro full"]:g}): it composes, since full mode's moments are of the m x n equivalent gradient, which does
