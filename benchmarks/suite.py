@@ -628,6 +628,8 @@ def parse_args(argv):
     parser.add_argument("--cache", type=Path, default=None,
                         help="directory keeping each job's results; a job found there is not run again (resume "
                              "a long run, or assemble a report from runs made separately)")
+    parser.add_argument("--cache-only", action="store_true",
+                        help="with --cache: run nothing, report what the cache holds (missing jobs are listed as not run)")
     parser.add_argument("--report", default=None,
                         help="name of the results file and the plots' prefix (default suite, --sweep: suite_sweep), "
                              "e.g. suite_squeeze with --methods " + ",".join(SQUEEZE_ROWS))
@@ -667,10 +669,10 @@ def jobs_for(args, names: list[str]) -> list[dict]:
             for seed in args.seeds for task in args.tasks for name in trained]
 
 
-def cached(runner: Callable[[dict], list[dict]], cache: Path | None) -> Callable[[dict], list[dict]]:
+def cached(runner: Callable[[dict], list[dict]], cache: Path | None, only: bool = False) -> Callable[[dict], list[dict]]:
     """``runner`` that keeps each job's rows in ``cache/<key>.json`` and reuses them: the key covers the job and
     the method's rate and options as the code defines them now, so a changed method runs again. Jobs with a
-    failed seed are not kept."""
+    failed seed are not kept. With ``only``, a job missing from the cache is not run: its rows say so."""
     if cache is None:
         return runner
 
@@ -681,6 +683,10 @@ def cached(runner: Callable[[dict], list[dict]], cache: Path | None) -> Callable
         path = cache / f"{job['task']}-{key}.json"
         if path.exists():
             return [{**row, "from_cache": True} for row in json.loads(path.read_text())]
+        if only:
+            message = "not run: not in --cache (--cache-only)"
+            return [{"method": job["method"], "task": job["task"], "seed": seed, "error": message,
+                     "traceback": message} for seed in job["seeds"]]
         rows = runner(job)
         if not any("error" in r for r in rows):
             cache.mkdir(parents=True, exist_ok=True)
@@ -692,7 +698,7 @@ def cached(runner: Callable[[dict], list[dict]], cache: Path | None) -> Callable
 
 def execute(args, jobs: list[dict]) -> list[dict]:
     results, started = [], time.perf_counter()
-    runner = cached(run_job if args.in_process else run_job_in_child, args.cache)
+    runner = cached(run_job if args.in_process else run_job_in_child, args.cache, args.cache_only)
 
     def report(job, rows):
         done = [r for r in rows if "error" not in r]
