@@ -154,3 +154,27 @@ def test_second_moments_use_the_finer_unsigned_map():
     x = torch.rand(4096, generator=torch.Generator().manual_seed(0))
     error = {signed: (dequantize(*quantize(x, signed=signed), signed=signed) - x).abs().mean() for signed in (True, False)}
     assert error[False] < error[True]
+
+
+def test_dtensor_moments_follow_the_shards_and_only_8bit_is_refused():
+    """FSDP2's DTensor parameters, in one process (a 1-rank gloo group): fp32/bf16 moments of any size are DTensors
+    sharded like the parameter; 8-bit moments are refused."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from randopt.optim.state import init_moment
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        like = distribute_tensor(torch.zeros(64, 64), init_device_mesh("cpu", (1,)), [Shard(0)])  # 4096 elements
+        state = {}
+        init_moment(state, "exp_avg", like, "fp32")
+        init_moment(state, "exp_avg_sq", like, "bf16")
+        for name, dtype in (("exp_avg", torch.float32), ("exp_avg_sq", torch.float32)):
+            assert state[name].placements == like.placements and state[name].shape == like.shape
+            assert state[name].to_local().dtype == dtype
+        with pytest.raises(ValueError, match="not supported for DTensor"):
+            init_moment({}, "exp_avg", like, "8bit")
+    finally:
+        dist.destroy_process_group()
