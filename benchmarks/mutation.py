@@ -270,8 +270,11 @@ def run(modules: list[str], sample: int | None, seed: int, workers: int, timeout
         mutants = mutants_of(module)
         cache.setdefault("modules", {})[module] = {"hash": digest, "mutants": len(mutants)}
         results = cache.setdefault("results", {})
-        pending = [m for m in mutants if results.get(m.key, {}).get("hash") != digest
-                   or (rerun_survivors and results[m.key]["outcome"] == "survived")]
+        if rerun_survivors:
+            pending = [m for m in mutants if results.get(m.key, {}).get("hash") == digest
+                       and results[m.key]["outcome"] == "survived"]
+        else:
+            pending = [m for m in mutants if results.get(m.key, {}).get("hash") != digest]
         if sample is not None:
             done = len(mutants) - len(pending)
             pending = random.Random(seed).sample(pending, min(len(pending), max(0, sample - done)))
@@ -379,7 +382,7 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant before it counts as killed")
     parser.add_argument("--fresh", action="store_true", help="forget cached results")
     parser.add_argument("--rerun-survivors", action="store_true",
-                        help="run cached survivors again (after adding tests that should kill them)")
+                        help="run only the cached survivors again (after adding tests that should kill them)")
     parser.add_argument("--list", action="store_true", help="only count the mutants per module")
     parser.add_argument("--report", action="store_true", help="only rewrite mutation.md from the cached results")
     args = parser.parse_args(argv)
