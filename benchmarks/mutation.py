@@ -9,8 +9,9 @@ changed, a ``not`` dropped, a call statement or a returned value removed) in a s
 where ``randopt.integrations`` sits inside ``randopt`` so the mutated copy is what imports. The module's tests
 (``TESTS`` below; the fast suite for modules not listed) run on it with ``pytest -x``: the mutant is killed when
 they fail (or exceed the time limit), survives when they pass. Results are cached per mutant in
-``benchmarks/results/mutation.json`` (a mutant whose module's source is unchanged is not run again; ``--fresh``
-reruns), so runs resume and add up; ``benchmarks/results/mutation.md`` is rewritten from the cache each time:
+``benchmarks/results/mutation.json``, keyed by module, line text and mutation: runs resume and add up, and the
+results of unchanged lines carry over to a new version of a module (a change elsewhere can still matter:
+``--fresh`` forgets the cache). ``benchmarks/results/mutation.md`` is rewritten from the cache each time:
 the score per module, and every survivor with the reason it is equivalent (``EQUIVALENT``) or marked as a gap.
 
 Own AST mutator rather than mutmut/cosmic-ray: neither is installed here, and both run the whole suite (or need
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
-import hashlib
 import json
 import os
 import random
@@ -93,14 +93,16 @@ KILLED_ELSEWHERE: dict[tuple[str, str, str], str] = {
 @dataclass(frozen=True)
 class Mutant:
     module: str
-    index: int  # position among the module's mutation points, in ast.walk order
+    index: int  # position among the module's mutation points, in ast.walk order (of this version of the source)
     line: int
     mutation: str
     source_line: str
+    occurrence: int  # among the module's mutants with the same source line and mutation
 
     @property
     def key(self) -> str:
-        return f"{self.module}:{self.index}:{self.mutation}"
+        """Stable while the line's text is: results of unchanged lines carry over to a new version of a module."""
+        return f"{self.module}:{self.source_line}:{self.mutation}:{self.occurrence}"
 
 
 # ----- generating mutants -----------------------------------------------------------------------------------------
@@ -188,17 +190,24 @@ class _Apply(ast.NodeTransformer):
 def mutants_of(module: str) -> list[Mutant]:
     source = (REPO / module).read_text()
     lines = source.splitlines()
-    tree = ast.parse(source)
-    return [Mutant(module, i, node.lineno, description, lines[node.lineno - 1].strip())
-            for i, (node, description, _) in enumerate(_points(tree))]
+    seen: dict[tuple[str, str], int] = {}
+    mutants = []
+    for i, (node, description, _) in enumerate(_points(ast.parse(source))):
+        text = lines[node.lineno - 1].strip()
+        occurrence = seen[text, description] = seen.get((text, description), -1) + 1
+        mutants.append(Mutant(module, i, node.lineno, description, text, occurrence))
+    return mutants
 
 
-def mutated_source(module: str, index: int) -> str:
-    tree = ast.parse((REPO / module).read_text())
+def mutated_source(mutant: Mutant) -> str:
+    """The module's source with ``mutant`` applied; refuses if the source changed since ``mutant`` was made."""
+    tree = ast.parse((REPO / mutant.module).read_text())
     points = _points(tree)
-    node, _, how = points[index]
-    node._mutation_index = index
-    return ast.unparse(ast.fix_missing_locations(_Apply(index, how).visit(tree)))
+    node, description, how = points[mutant.index] if mutant.index < len(points) else (None, None, None)
+    if node is None or (node.lineno, description) != (mutant.line, mutant.mutation):
+        raise RuntimeError(f"{mutant.module} changed during the run; start it again")
+    node._mutation_index = mutant.index
+    return ast.unparse(ast.fix_missing_locations(_Apply(mutant.index, how).visit(tree)))
 
 
 # ----- running them ---------------------------------------------------------------------------------------------
@@ -239,7 +248,7 @@ def _run_mutants(mutants: list[Mutant], timeout: float, record) -> None:
         for mutant in mutants:
             path = _installed_path(root, mutant.module)
             original = path.read_text()
-            path.write_text(mutated_source(mutant.module, mutant.index))
+            path.write_text(mutated_source(mutant))
             try:
                 outcome, seconds = _pytest(root, TESTS.get(mutant.module, FAST_SUITE), timeout)
             finally:
@@ -247,10 +256,6 @@ def _run_mutants(mutants: list[Mutant], timeout: float, record) -> None:
             record(mutant, outcome, seconds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _source_hash(module: str) -> str:
-    return hashlib.sha256((REPO / module).read_bytes()).hexdigest()[:16]
 
 
 def _load_cache() -> dict:
@@ -266,15 +271,13 @@ def run(modules: list[str], sample: int | None, seed: int, workers: int, timeout
     cache = {} if fresh else _load_cache()
     todo = []
     for module in modules:
-        digest = _source_hash(module)
         mutants = mutants_of(module)
-        cache.setdefault("modules", {})[module] = {"hash": digest, "mutants": len(mutants)}
+        cache.setdefault("modules", {})[module] = {"mutants": len(mutants), "keys": [m.key for m in mutants]}
         results = cache.setdefault("results", {})
         if rerun_survivors:
-            pending = [m for m in mutants if results.get(m.key, {}).get("hash") == digest
-                       and results[m.key]["outcome"] == "survived"]
+            pending = [m for m in mutants if results.get(m.key, {}).get("outcome") == "survived"]
         else:
-            pending = [m for m in mutants if results.get(m.key, {}).get("hash") != digest]
+            pending = [m for m in mutants if m.key not in results]
         if sample is not None:
             done = len(mutants) - len(pending)
             pending = random.Random(seed).sample(pending, min(len(pending), max(0, sample - done)))
@@ -293,7 +296,7 @@ def run(modules: list[str], sample: int | None, seed: int, workers: int, timeout
 
     def _record(mutant: Mutant, outcome: str, seconds: float) -> None:
         cache["results"][mutant.key] = {**asdict(mutant), "outcome": outcome, "seconds": round(seconds, 1),
-                                        "hash": _source_hash(mutant.module)}
+                                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
         print(f"{outcome:9s} {seconds:6.1f}s {mutant.module}:{mutant.line} {mutant.mutation}", flush=True)
         write_report(cache)
@@ -315,8 +318,8 @@ def _baseline(module: str, timeout: float) -> tuple[str, float]:
 
 # ----- the report -----------------------------------------------------------------------------------------------
 def write_report(cache: dict) -> None:
-    results = [r for r in cache.get("results", {}).values()
-               if cache["modules"].get(r["module"], {}).get("hash") == r["hash"]]
+    current = {key for info in cache.get("modules", {}).values() for key in info["keys"]}
+    results = [r for key, r in cache.get("results", {}).items() if key in current]
     lines = ["# Mutation testing", "",
              "Generated by `python -m benchmarks.mutation` (see its docstring for the operators and the test map). "
              "Killed: the module's tests fail on the mutant (or run past the time limit); survived: they pass. "
