@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.finetune import (LEARNING_RATES, TARGETS, accuracy, batches, encode, freeze_all_but, is_head,
-                                 is_target_weight, load_model, lora_model, optimizer_state_bytes)
+from benchmarks.finetune import (LEARNING_RATES, TARGETS, accuracy, batches, encode, load_model, lora_model,
+                                 optimizer_state_bytes)
 from benchmarks.tasks import TASKS, minilm_dir
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,9 +62,10 @@ def run_randlora(task, tokenizer, mode: str, dtype, steps: int, lr: float, every
     import randopt
 
     torch.manual_seed(seed)
-    model = freeze_all_but(load_model(len(task.labels)).to(dtype), lambda n: is_head(n) or is_target_weight(n))
+    model = load_model(len(task.labels)).to(dtype)
+    groups = randopt.param_groups(model, TARGETS, rank=32, modules_to_save=["classifier"])
     starting = {p: p.detach().clone() for p in model.parameters() if p.requires_grad}
-    optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, TARGETS, rank=32), lr=lr, weight_update=mode)
+    optimizer = randopt.RandLoRAAdamW(groups, lr=lr, weight_update=mode)
     curve, times = [], []
     for step, inputs in enumerate(batches(task, tokenizer, 32, steps, seed), 1):
         start = time.perf_counter()

@@ -39,20 +39,6 @@ def load_model(num_labels: int):
     return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels)
 
 
-def freeze_all_but(model, trainable: Callable[[str], bool]):
-    for name, p in model.named_parameters():
-        p.requires_grad_(trainable(name))
-    return model
-
-
-def is_head(name: str) -> bool:
-    return name.startswith("classifier.")
-
-
-def is_target_weight(name: str) -> bool:
-    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in TARGETS
-
-
 def learned_parameters(optimizer: torch.optim.Optimizer) -> int:
     """Values the optimizer learns: its parameters' sizes, except that a matrix RandLoRAAdamW trains through
     RandLoRA coefficients counts as those coefficients (lambda, gamma). Call after a step (state exists)."""
@@ -92,8 +78,8 @@ def lorapro(make_base, lr, rank=8, mode="full", **options):
 def randlora_adamw(make_base, lr, rank=32, **options):
     import randopt
 
-    model = freeze_all_but(make_base(), lambda n: is_head(n) or is_target_weight(n))
-    groups = randopt.param_groups(model, TARGETS, rank=rank)
+    model = make_base()
+    groups = randopt.param_groups(model, TARGETS, rank=rank, modules_to_save=["classifier"])
     return model, randopt.RandLoRAAdamW(groups, lr=lr, **options)
 
 

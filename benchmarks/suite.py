@@ -39,7 +39,7 @@ import torch
 
 from benchmarks import finetune
 from benchmarks.common import machine_line, markdown_table
-from benchmarks.finetune import (LEARNING_RATES, TARGETS, Method, accuracy, freeze_all_but, full_ft, is_head, lorapro,
+from benchmarks.finetune import (LEARNING_RATES, TARGETS, Method, accuracy, full_ft, lorapro,
                                  peft_lora, randlora_adamw, summarise)
 from benchmarks.squeeze_modes import cont_squeeze, energy_for_mean_rank, in_squeeze
 from benchmarks.tasks import Task, name_gender, word_polarity
@@ -61,8 +61,7 @@ def peft_randlora(make_base, lr, rank=32):
 def module_route(make_base, lr, rank=32):
     from randopt.randlora import inject_randlora
 
-    model = inject_randlora(make_base(), TARGETS, rank=rank, alpha=20 * rank)
-    freeze_all_but(model, lambda n: is_head(n) or ".randlora_" in n)
+    model = inject_randlora(make_base(), TARGETS, rank=rank, modules_to_save=["classifier"])
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 

@@ -8,7 +8,7 @@ with gradient accumulation and gradient clipping):
 
        cfg = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2},
               "randopt": {"optimizer": "RandLoRAAdamW", "params": {"lr": 1e-4, "rank": 32},
-                          "target_modules": ["q_proj", "v_proj"]}}
+                          "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"]}}
        engine, optimizer, _, _ = randopt.integrations.deepspeed.initialize(model=model, config=cfg)
 
    For ``LoRAProAdamW`` the model is a LoRA model (PEFT's or one with explicit pairs) and the block has no
@@ -16,7 +16,8 @@ with gradient accumulation and gradient clipping):
    ``{"optimizer": "LoRAProAdamW", "params": {"lr": 2e-5, "mode": "full"}}``.
    The block is checked (optimizer name, its parameters against the optimizer's signature, that
    ``target_modules`` matches trainable layers) before DeepSpeed starts, turned into parameter groups with
-   ``randopt.param_groups``, removed from the config, and the optimizer is handed to ``deepspeed.initialize``
+   ``randopt.param_groups`` (the block's ``modules_to_save``, ``train_rest`` and ``plain_lr`` go there: outside
+   the targets only what they name trains), removed from the config, and the optimizer is handed to ``deepspeed.initialize``
    as a client optimizer. ``engine.basic_optimizer`` is the randopt optimizer.
 2. Build the optimizer yourself and pass it: ``deepspeed.initialize(model=model, optimizer=opt, config=cfg)``;
    under ZeRO the config needs ``"zero_allow_untested_optimizer": true``.
@@ -39,10 +40,11 @@ import os
 from torch import nn
 
 from randopt.optim.groups import param_groups
+from randopt.trainable import TRAINABLE_SET_KEYS
 from randopt.validation import keyword_arguments, target_modules
 
 CONFIG_KEY = "randopt"
-BLOCK_KEYS = ("optimizer", "params", "target_modules")
+BLOCK_KEYS = ("optimizer", "params", "target_modules", *TRAINABLE_SET_KEYS)
 OPTIMIZERS = {"RandLoRAAdamW": "randopt.optim.randlora_adamw:RandLoRAAdamW",
               "LoRAProAdamW": "randopt.optim.lorapro_adamw:LoRAProAdamW"}
 """Optimizers the plugin builds, by name."""
@@ -71,7 +73,7 @@ def load_config(config) -> dict:
     raise ValueError(f"config must be a dict or the path of a JSON file, got {type(config).__name__}")
 
 
-def _check_block(block) -> tuple[type, dict, object]:
+def _check_block(block) -> tuple[type, dict, object, dict]:
     if not isinstance(block, dict):
         raise ValueError(f'"{CONFIG_KEY}" must be a JSON object, got {type(block).__name__}')
     unknown = sorted(set(block) - set(BLOCK_KEYS))
@@ -96,14 +98,16 @@ def _check_block(block) -> tuple[type, dict, object]:
         if params.get(name):
             raise ValueError(f'"{CONFIG_KEY}.params.{name}" cannot be used under DeepSpeed: {why}')
     if block["optimizer"] not in TARGETED:
-        if "target_modules" in block:
-            raise ValueError(f'"{CONFIG_KEY}.target_modules" is not used by {block["optimizer"]}: it trains the LoRA '
-                             "pairs of the model it is given (choose them when you build the LoRA model)")
-        return cls, dict(params), None
+        for key in ("target_modules", *TRAINABLE_SET_KEYS):
+            if key in block:
+                raise ValueError(f'"{CONFIG_KEY}.{key}" is not used by {block["optimizer"]}: it trains the LoRA '
+                                 "pairs of the model it is given (choose them when you build the LoRA model)")
+        return cls, dict(params), None, {}
     if "target_modules" not in block:
         raise ValueError(f'"{CONFIG_KEY}" needs "target_modules": the names (or a regex) of the layers to train '
                          "through the optimizer")
-    return cls, dict(params), target_modules(block["target_modules"], name=f"{CONFIG_KEY}.target_modules")
+    return (cls, dict(params), target_modules(block["target_modules"], name=f"{CONFIG_KEY}.target_modules"),
+            {k: block[k] for k in TRAINABLE_SET_KEYS if k in block})
 
 
 def _check_deepspeed_config(config: dict) -> None:
@@ -124,13 +128,13 @@ def optimizer_from_config(model: nn.Module, config) -> tuple[object, dict]:
     config = load_config(config)
     if CONFIG_KEY not in config:
         raise ValueError(f'the config has no "{CONFIG_KEY}" block')
-    cls, params, targets = _check_block(config.pop(CONFIG_KEY))
+    cls, params, targets, trainable_set = _check_block(config.pop(CONFIG_KEY))
     _check_deepspeed_config(config)
     if cls.__name__ not in TARGETED:
         optimizer = cls(model, **params)
     else:
         rank = params.get("rank", 32)
-        optimizer = cls(param_groups(model, targets, rank=rank), **{**params, "rank": rank})
+        optimizer = cls(param_groups(model, targets, rank=rank, **trainable_set), **{**params, "rank": rank})
     if (config.get("zero_optimization") or {}).get("stage", 0):
         config.setdefault("zero_allow_untested_optimizer", True)
     return optimizer, config

@@ -27,6 +27,7 @@ from randopt.integrations.squeeze_trainer import SqueezeCallback  # noqa: F401  
 from randopt.optim.lorapro_adamw import LoRAProAdamW
 from randopt.optim.randlora_adamw import RandLoRAAdamW
 from randopt.randlora.functional import reconstruct, scaled_basis
+from randopt.trainable import TRAINABLE_SET_KEYS
 
 OPTIMIZERS = {"RandLoRAAdamW": RandLoRAAdamW, "LoRAProAdamW": LoRAProAdamW}
 
@@ -48,6 +49,7 @@ def check_optimizer_arguments(optimizer: str, target_modules=None, **kwargs) -> 
             raise ValueError("RandLoRAAdamW needs target_modules (names of the linear layers to train through "
                              "RandLoRA), got None")
         validation.target_modules(target_modules)
+        kwargs = {k: v for k, v in kwargs.items() if k not in TRAINABLE_SET_KEYS}
     elif target_modules is not None:
         raise ValueError("LoRAProAdamW finds the LoRA pairs itself; target_modules must be None, "
                          f"got {target_modules!r}")
@@ -59,7 +61,7 @@ def build_optimizer(model, optimizer: str, target_modules=None, **kwargs) -> tor
     with plain AdamW for the other trainable parameters, or LoRAProAdamW over the model's LoRA pairs."""
     check_optimizer_arguments(optimizer, target_modules, **kwargs)
     if optimizer == "RandLoRAAdamW":
-        group_keys = ("rank", "alpha", "seed", "basis_kind")
+        group_keys = ("rank", "alpha", "seed", "basis_kind", *TRAINABLE_SET_KEYS)
         group_options = {k: kwargs.pop(k) for k in group_keys if k in kwargs}
         return RandLoRAAdamW(randopt.param_groups(model, target_modules, **group_options), **kwargs)
     return LoRAProAdamW(model, **kwargs)

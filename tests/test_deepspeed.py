@@ -153,7 +153,8 @@ def config_with(**block):
 @pytest.mark.parametrize("as_path", [False, True], ids=["dict", "json-path"])
 def test_config_block_builds_the_optimizer(tmp_path, as_path):
     model = tiny_llama()
-    config = config_with(params={"lr": 2e-3, "rank": 4, "alpha": 8.0, "weight_decay": 0.0})
+    config = config_with(params={"lr": 2e-3, "rank": 4, "alpha": 8.0, "weight_decay": 0.0},
+                         modules_to_save=["lm_head"], plain_lr=1e-2)
     source = config
     if as_path:
         source = tmp_path / "ds.json"
@@ -164,7 +165,9 @@ def test_config_block_builds_the_optimizer(tmp_path, as_path):
     targets = {id(m.weight) for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     assert {id(p) for p in randlora["params"]} == targets
     assert randlora["rank"] == 4 and randlora["alpha"] == 8.0 and randlora["lr"] == 2e-3
-    assert plain["rank"] is None and plain["lr"] == 2e-3
+    assert plain["rank"] is None and plain["lr"] == 1e-2
+    assert {id(p) for p in plain["params"]} == {id(model.lm_head.weight)}
+    assert not model.model.embed_tokens.weight.requires_grad, "outside targets and modules_to_save all is frozen"
     assert "randopt" not in ds_config and ds_config["zero_allow_untested_optimizer"] is True
     assert "randopt" in config, "the caller's config is left as it was"
 

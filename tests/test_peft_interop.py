@@ -377,7 +377,8 @@ def test_export_is_atomic(tmp_path, monkeypatch):
 def test_export_needs_one_rank_alpha_seed_and_kind(tmp_path):
     model = base_model("llama-linear")
     groups = [g for targets, rank in ((["q_proj", "v_proj"], RANK), (["gate_proj"], 4))
-              for g in randopt.param_groups(model, targets, rank=rank, alpha=ALPHA) if g["rank"] is not None]
+              for g in randopt.param_groups(model, targets, rank=rank, alpha=ALPHA, train_rest=True)
+              if g["rank"] is not None]
     opt = randopt.RandLoRAAdamW(groups, lr=LR)
     train(model, opt, batches(1))
     with pytest.raises(ValueError, match="one rank, alpha, seed and basis kind"):
@@ -394,6 +395,13 @@ def test_export_needs_one_rank_alpha_seed_and_kind(tmp_path):
 def test_export_warns_about_trained_parameters_an_adapter_cannot_hold(tmp_path):
     model = tiny_llama()
     opt = randopt.RandLoRAAdamW(randopt.param_groups(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA), lr=LR)
+    train(model, opt, batches(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # by default only the targets train: the adapter holds all of it
+        export_randlora_adapter(model, opt, tmp_path / "quiet")
+    model = tiny_llama()
+    opt = randopt.RandLoRAAdamW(randopt.param_groups(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA, train_rest=True),
+                                lr=LR)
     train(model, opt, batches(1))
     with pytest.warns(UserWarning, match="not RandLoRA matrices"):
         export_randlora_adapter(model, opt, tmp_path / "a")

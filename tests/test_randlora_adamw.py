@@ -119,9 +119,11 @@ def test_fused_backward_frees_gradients_and_accumulates_micro_batches():
 def test_stepping_groups_one_at_a_time_counts_steps_per_parameter():
     data = batches(5)
     whole = tiny_llama()
-    whole_opt = randopt.RandLoRAAdamW(randopt.param_groups(whole, LLAMA_TARGETS, rank=RANK, alpha=ALPHA), lr=LR)
+    whole_opt = randopt.RandLoRAAdamW(randopt.param_groups(whole, LLAMA_TARGETS, rank=RANK, alpha=ALPHA,
+                                                           train_rest=True), lr=LR)
     split = tiny_llama()
-    split_opt = randopt.RandLoRAAdamW(randopt.param_groups(split, LLAMA_TARGETS, rank=RANK, alpha=ALPHA), lr=LR)
+    split_opt = randopt.RandLoRAAdamW(randopt.param_groups(split, LLAMA_TARGETS, rank=RANK, alpha=ALPHA,
+                                                           train_rest=True), lr=LR)
     assert len(split_opt.param_groups) == 2
     train(whole, whole_opt, data)
     groups = split_opt.param_groups

@@ -10,7 +10,13 @@ Rules:
   (``fan_in_fan_out=True`` for weights stored ``in x out``, like transformers' ``Conv1D``). Parameters
   with fewer dimensions (biases, norms) in a RandLoRA group get plain AdamW: they are ``O(d)``.
   ``plain_parameters_in_randlora_groups`` lists them.
-- Groups without ``rank`` (``rank=None``) get plain AdamW.
+- ``RandLoRAAdamW(model)`` (a module) means ``RandLoRAAdamW(param_groups(model, rank=rank))``: RandLoRA on
+  every linear layer but the output layer and head, everything else frozen (see ``param_groups`` to name
+  targets, a head to train, ``plain_lr``).
+- ``rank`` defaults to ``DEFAULT_RANK`` (32): ``RandLoRAAdamW(model.parameters())`` trains EVERY parameter with
+  two or more dimensions (embeddings included) through RandLoRA at rank 32, never silently as plain AdamW.
+  Only a group that says ``"rank": None`` gets plain AdamW.
+- ``alpha`` defaults to ``default_alpha(rank) = 20 * rank`` (scale 20), the rule ``inject_randlora`` uses too.
 - A matrix or parameter whose gradient has a NaN/inf is not stepped (state kept); the skip is counted
   in its state (``nonfinite_skips``) and in ``RandLoRAAdamW.nonfinite_skips``.
 - Bases are shared by all matrices of the same ``(rank, seed, basis_kind)`` and sized for the largest
@@ -36,13 +42,16 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..randlora.bases import BASIS_KINDS, RandLoRABases, make_bases
-from ..randlora.functional import coefficient_shapes, init_coefficients, project, reconstruct, scaled_basis
+from ..randlora.functional import (DEFAULT_RANK, coefficient_shapes, default_alpha, init_coefficients, project,
+                                   reconstruct, scaled_basis)
 from ..randlora.quantized import refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params,
                           check_saved_state, choice, filled_in, group_params, rank as check_rank)
 from .functional import adamw_step_
+from .groups import param_groups
 from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
@@ -88,11 +97,14 @@ def oriented(blocks: list[Block], fan_in_fan_out: bool) -> list[tuple]:
 
 class RandLoRAAdamW(PartitionAwareOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, rank: int | None = None, alpha: float | None = None,
+                 weight_decay: float = 1e-2, *, rank: int | None = DEFAULT_RANK, alpha: float | None = None,
                  seed: int = 0, basis_kind: str = "dense", fan_in_fan_out: bool = False,
                  fused_backward: bool = False, data_parallel: bool = False, state_dtype: str = "fp32",
                  min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0, weight_update: str = "stochastic"):
-        """``alpha`` defaults to ``20 * rank`` (scale 20, PEFT's recommendation). ``fused_backward`` projects
+        """``params``: parameters, parameter groups or a model (``param_groups(model, rank=rank)``: all-linear
+        targets, the rest frozen). ``rank`` (default 32) applies to every group without a ``rank`` of its own;
+        ``"rank": None`` makes a group plain AdamW. ``alpha`` defaults to ``default_alpha(rank) = 20 * rank``
+        (scale 20, PEFT's recommendation, and ``inject_randlora``'s default). ``fused_backward`` projects
         each weight's gradient inside backward and frees it at once (gradient accumulation works: the
         projections add up until ``zero_grad``, as ``.grad`` does, each taken at the coefficients of its backward
         pass). ``data_parallel`` averages the coefficient gradients (and plain parameters'
@@ -131,6 +143,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self._hooks = []
         self._generators: dict[str, torch.Generator] = {}
         self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}  # logical shapes (DeepSpeed empties .data)
+        if isinstance(params, nn.Module):
+            params = param_groups(params, rank=DEFAULT_RANK if rank is None else rank)
         super().__init__(check_params(params), defaults)
 
     @classmethod
@@ -303,8 +317,15 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
 
     # ----- per-parameter state ------------------------------------------------------------------------
     def _scale(self, group: dict) -> float:
-        alpha = group["alpha"] if group["alpha"] is not None else 20.0 * group["rank"]
+        alpha = group["alpha"] if group["alpha"] is not None else default_alpha(group["rank"])
         return alpha / group["rank"]
+
+    def _learned_numel(self, p: torch.Tensor, group: dict) -> int | None:
+        """The number of coefficients learned for ``p`` if it is a RandLoRA matrix, else None (``trainable_summary``)."""
+        if not self._is_matrix(p, group):
+            return None
+        lam, gam = coefficient_shapes(*self._matrix_shape(p, group), group["rank"])
+        return lam[0] * lam[1] + gam[0] * gam[1]
 
     def _layer(self, p: torch.Tensor, group: dict):
         state = self.state[p]

@@ -13,6 +13,18 @@ import torch
 
 from .bases import LayerBases, RandLoRABases, num_bases
 
+DEFAULT_RANK = 32
+"""The rank used when none is given (``RandLoRAAdamW(model)``, ``param_groups``, ``inject_randlora``)."""
+DEFAULT_SCALE = 20.0
+
+
+def default_alpha(rank: int) -> float:
+    """The one default alpha of every RandLoRA route: ``20 * rank``, i.e. scale ``alpha / rank = 20`` at any rank
+    (PEFT's RandLora default, 640, at its default rank 32). The coefficients' learning rate goes with this scale:
+    an update ``s * dCoefficients`` is ``s`` times larger than a plain parameter's at the same lr, which is why
+    ``param_groups(..., plain_lr=...)`` gives plain parameters (e.g. a new head) a learning rate of their own."""
+    return DEFAULT_SCALE * rank
+
 
 def coefficient_shapes(out_features: int, in_features: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of ``lambda`` ``(r, N)`` and ``gamma`` ``(N, d)`` for one layer."""

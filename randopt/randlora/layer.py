@@ -13,10 +13,21 @@ from torch import nn
 
 from .autograd import randlora_linear
 from .. import validation
+from ..trainable import apply_trainable_set, suffix_matches
 from .bases import BASIS_KINDS, RandLoRABases, check_rank, make_bases
-from .functional import delta_weight, init_coefficients
+from .functional import DEFAULT_RANK, default_alpha, delta_weight, init_coefficients
 from .quantized import QuantizedWeight, add_to_quantized, is_quantized
 from .sparse import TernaryMatrix
+
+ALL_LINEAR = "all-linear"
+HEAD_NAMES = ("lm_head", "classifier", "score")
+"""Output layers ``"all-linear"`` leaves out (with ``get_output_embeddings()``), as PEFT does."""
+TARGET_MODULES_DOC = """``target_modules`` selects modules by name, PEFT's rule: a string is a regular expression that must
+match the WHOLE module name (``"q_proj"`` matches only a top-level module named so; use
+``r".*\\.(q_proj|v_proj)"``); a list matches a name or a dotted suffix (``["q_proj", "v_proj"]`` matches
+``model.layers.0.self_attn.q_proj``); ``"all-linear"`` is every ``nn.Linear``/``Conv1D`` except the output layer
+(``get_output_embeddings()``, ``lm_head``) and a classification head (``classifier``, ``score``). A pattern (or
+a list entry) that matches nothing is an error."""
 
 
 def _conv1d_class():
@@ -87,16 +98,18 @@ class SharedBases(nn.Module):
 class RandLoRALinear(nn.Module):
     """A frozen ``nn.Linear``/``Conv1D`` plus a RandLoRA update, computed by the memory-saving autograd core."""
 
-    def __init__(self, base_layer: nn.Module, shared: SharedBases, rank: int, alpha: float = 640.0,
+    def __init__(self, base_layer: nn.Module, shared: SharedBases, rank: int, alpha: float | None = None,
                  dropout: float = 0.0, init_weights: bool = True):
         super().__init__()
         shape = linear_shape(base_layer)
         if shape is None:
             raise ValueError(f"RandLoRALinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}")
         validation.check_options(dict(dropout=dropout, init_weights=init_weights))
-        alpha = validation.real("alpha", alpha, positive=True)
+        alpha = validation.real("alpha", alpha, positive=True, allow_none=True)
         self.out_features, self.in_features, self.fan_in_fan_out = shape
         self.rank = check_rank(rank)
+        if alpha is None:
+            alpha = default_alpha(rank)
         self.scaling = alpha / rank
         self.base_layer = base_layer
         self.shared = shared
@@ -156,17 +169,36 @@ def target_matches(name: str, target_modules) -> bool:
     """PEFT's rule: a regex string must match the whole name; a list matches a name or a dotted suffix."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    return suffix_matches(name, target_modules)
 
 
-def find_targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs a target spec selects; a clear error if none, or if one is not linear."""
+def _all_linear(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    output = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, RandLoRALinear)}
+    return [(n, m) for n, m in model.named_modules()
+            if n and m is not output and id(m) not in wrapped and n.split(".")[0] not in HEAD_NAMES
+            and (linear_shape(m) is not None or isinstance(m, RandLoRALinear))]
+
+
+def find_targets(model: nn.Module, target_modules, exclude=()) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs a target spec selects (see ``TARGET_MODULES_DOC``), leaving out modules
+    named in ``exclude`` (name or dotted suffix); a clear error if a pattern matches nothing, or a match is not
+    linear."""
     target_modules = validation.target_modules(target_modules)
-    found = [(n, m) for n, m in model.named_modules() if n and target_matches(n, target_modules)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        found = _all_linear(model)
+    else:
+        found = [(n, m) for n, m in model.named_modules() if n and target_matches(n, target_modules)]
+    found = [(n, m) for n, m in found if not suffix_matches(n, exclude)]
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_shape(m) is not None})
     if not found:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if linear_shape(m) is not None})
         raise ValueError(f"target_modules={target_modules!r} matched no module of the model; "
                          f"its linear layers are named {names}")
+    if not isinstance(target_modules, str):
+        unmatched = [t for t in target_modules if not any(suffix_matches(n, [t]) for n, _ in found)]
+        if unmatched:
+            raise ValueError(f"target_modules={target_modules!r}: {unmatched} matched no module of the model; "
+                             f"its linear layers are named {names}")
     for name, module in found:
         if linear_shape(module) is None and not isinstance(module, RandLoRALinear):
             raise ValueError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
@@ -184,20 +216,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject_randlora(model: nn.Module, target_modules, rank: int = 32, alpha: float = 640.0, dropout: float = 0.0,
-                    seed: int = 0, kind: str = "dense", init_weights: bool = True,
-                    bases: RandLoRABases | None = None) -> nn.Module:
-    """Replace the targeted linear layers of ``model`` (in place) by ``RandLoRALinear``; freeze everything else
-    of those layers. Bases are generated from ``seed`` for the largest targeted shape unless given."""
+def inject_randlora(model: nn.Module, target_modules=ALL_LINEAR, rank: int = DEFAULT_RANK, alpha: float | None = None,
+                    dropout: float = 0.0, seed: int = 0, kind: str = "dense", init_weights: bool = True,
+                    bases: RandLoRABases | None = None, *, modules_to_save=None,
+                    train_rest: bool = False) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` (in place) by ``RandLoRALinear`` and return the model.
+
+    What trains afterwards is PEFT's rule: the RandLoRA coefficients, the parameters of the modules named in
+    ``modules_to_save`` (e.g. ``["classifier"]``, a new head: a name or dotted suffix) and nothing else; with
+    ``train_rest=True`` every other parameter that was trainable stays so. The targeted layers' own weights
+    and biases are frozen. ``alpha`` defaults to ``default_alpha(rank) = 20 * rank`` (the optimizer's rule).
+    Bases are generated from ``seed`` for the largest targeted shape unless given. An error leaves the model
+    as it was.
+
+    """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_rank(rank)
     validation.check_options(dict(alpha=alpha, dropout=dropout, seed=seed, init_weights=init_weights))
-    validation.real("alpha", alpha, positive=True)
     validation.choice("kind", kind, BASIS_KINDS)
     if bases is not None and not isinstance(bases, RandLoRABases):
         raise ValueError(f"bases must be RandLoRABases (make_bases) or None, got {type(bases).__name__}")
-    targets = find_targets(model, target_modules)
+    targets = find_targets(model, target_modules, exclude=modules_to_save or ())
     adapted = [name for name, module in targets if isinstance(module, RandLoRALinear)]
     if adapted:
         raise ValueError(f"target_modules={target_modules!r} matched layers that already have a RandLoRA adapter: "
@@ -213,10 +253,17 @@ def inject_randlora(model: nn.Module, target_modules, rank: int = 32, alpha: flo
     shared = SharedBases(bases.to(device=device, dtype=dtype))
     # build every adapter before replacing any layer, so that an error leaves the model as it was
     adapters = [(name, RandLoRALinear(module, shared, rank, alpha, dropout, init_weights)) for name, module in targets]
+    coefficients = [p for _, adapter in adapters for p in (adapter.randlora_lambda, adapter.randlora_gamma)]
+    apply_trainable_set(model, [], modules_to_save, train_rest)  # checks its arguments before any change
     for name, adapter in adapters:
         adapter.base_layer.requires_grad_(False)
         _set_submodule(model, name, adapter)
+    for p in coefficients:
+        p.requires_grad_(True)
     return model
+
+
+inject_randlora.__doc__ += TARGET_MODULES_DOC
 
 
 def randlora_layers(model: nn.Module) -> list[tuple[str, RandLoRALinear]]:

@@ -94,7 +94,7 @@ def ds_config(case, with_block: bool) -> dict:
     if with_block:
         params = {k: v for k, v in OPTIONS.items()}
         config["randopt"] = {"optimizer": "RandLoRAAdamW", "params": params,
-                             "target_modules": MODELS[case["model"]][1]}
+                             "target_modules": MODELS[case["model"]][1], "train_rest": True}
     else:
         config["zero_allow_untested_optimizer"] = True
     return config
@@ -115,7 +115,7 @@ def make_engine(case, seed=0):
     else:
         rank = OPTIONS["rank"]
         options = {k: v for k, v in OPTIONS.items() if k != "rank"}
-        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=rank), rank=rank,
+        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=rank, train_rest=True), rank=rank,
                                           weight_update=case.get("weight_update", "stochastic"), **options)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(case, False))
     return engine
@@ -212,7 +212,7 @@ def reference(case, batches):
     if case.get("optimizer") == "lorapro":
         optimizer = randopt.LoRAProAdamW(model, mode=case["mode"], **LORAPRO_OPTIONS)
     else:
-        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=OPTIONS["rank"]),
+        optimizer = randopt.RandLoRAAdamW(randopt.param_groups(model, targets, rank=OPTIONS["rank"], train_rest=True),
                                           rank=OPTIONS["rank"], weight_update=case.get("weight_update", "stochastic"),
                                           **options)
     losses, norms = [], []
