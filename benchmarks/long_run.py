@@ -31,8 +31,7 @@ METHODS = ["full_ft_adamw", "randlora_adamw_stochastic", "randlora_adamw_exact",
 def build(method: str, num_labels: int):
     """``(model, optimizer, learning rate)`` with bf16 weights; the learning rates are the suite's sweep results."""
     import randopt
-    from benchmarks.finetune import (LEARNING_RATES, TARGETS, freeze_all_but, is_head, is_target_weight,
-                                     load_model, lora_model)
+    from benchmarks.finetune import LEARNING_RATES, TARGETS, load_model, lora_model
 
     def base():
         return load_model(num_labels).to(torch.bfloat16)
@@ -41,8 +40,8 @@ def build(method: str, num_labels: int):
         model = base()
         return model, torch.optim.AdamW(model.parameters(), lr=LEARNING_RATES["full FT"])
     if method.startswith("randlora_adamw_"):
-        model = freeze_all_but(base(), lambda n: is_head(n) or is_target_weight(n))
-        groups = randopt.param_groups(model, TARGETS, rank=RANDLORA_RANK)
+        model = base()
+        groups = randopt.param_groups(model, TARGETS, rank=RANDLORA_RANK, modules_to_save=["classifier"])
         return model, randopt.RandLoRAAdamW(groups, lr=LEARNING_RATES["RandLoRA"],
                                             weight_update=method.removeprefix("randlora_adamw_"))
     if method == "lorapro_full":
