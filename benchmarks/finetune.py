@@ -1,7 +1,10 @@
 """The README's main job: fine-tune the offline MiniLM on a real task with randopt's optimizers and
 their peers, and print/write a table of accuracy, time and optimizer-state memory.
 
-    python -m benchmarks.finetune [--task polarity|gender] [--steps N] [--methods a,b,...] [--seeds 0,1,2]
+    python -m benchmarks.finetune [--task polarity|gender] [--steps N] [--methods a,b,...] [--seeds 0,1,2] [--out F]
+
+The table goes to ``runs/finetune/<task>-<UTC time>.md`` (untracked); ``--out benchmarks/results/finetune.md``
+refreshes the committed results file on purpose.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from tqdm.auto import tqdm
 from benchmarks.tasks import TASKS, Task, minilm_dir
 
 RESULTS = Path(__file__).parent / "results"
+RUNS = Path(__file__).resolve().parent.parent / "runs" / "finetune"
 TARGETS = ["query", "key", "value", "dense"]
 
 
@@ -95,12 +99,14 @@ LEARNING_RATES = {"full FT": 5e-5, "LoRA": 1e-3, "RandLoRA": 2e-4, "LoRA-Pro ful
 """The best of each method family's grid in the benchmark suite's sweep (``python -m benchmarks.suite --sweep``,
 validation split; ``results/suite_sweep.md``); the main job and the suite both use them."""
 METHODS: dict[str, Method] = {
-    "full FT (torch AdamW)": Method(full_ft, LEARNING_RATES["full FT"], "all 22.7M parameters"),
-    "PEFT LoRA r8 (torch AdamW)": Method(peft_lora, LEARNING_RATES["LoRA"], "q,k,v,dense + head"),
-    "RandLoRAAdamW r32": Method(randlora_adamw, LEARNING_RATES["RandLoRA"], "q,k,v,dense + head; plain model"),
-    "LoRAProAdamW full r8": Method(lorapro, LEARNING_RATES["LoRA-Pro full"], "PEFT LoRA r8 model (q,k,v,dense + head)",
-                                   {"mode": "full"}),
+    "full_ft_adamw": Method(full_ft, LEARNING_RATES["full FT"], "torch AdamW, all 22.7M parameters"),
+    "peft_lora_r8": Method(peft_lora, LEARNING_RATES["LoRA"], "PEFT LoRA r8 + torch AdamW; q,k,v,dense + head"),
+    "randlora_adamw_r32": Method(randlora_adamw, LEARNING_RATES["RandLoRA"],
+                                 "RandLoRAAdamW r32; q,k,v,dense + head; plain model"),
+    "lorapro_full_r8": Method(lorapro, LEARNING_RATES["LoRA-Pro full"],
+                              "LoRAProAdamW full r8; PEFT LoRA r8 model (q,k,v,dense + head)", {"mode": "full"}),
 }
+"""Method names are identifiers: the table's rows, accepted back by ``--methods``."""
 
 
 def batches(task: Task, tokenizer, batch_size: int, steps: int, seed: int):
@@ -221,15 +227,21 @@ def markdown_table(rows: list[dict], baseline_accuracy: float) -> str:
     return "\n".join(lines)
 
 
+def run_file(task: str) -> Path:
+    """The untracked file a run's table goes to by default."""
+    return RUNS / f"{task}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.md"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="polarity")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + "; ".join(METHODS))
+    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(METHODS))
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=RESULTS / "finetune.md")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the table (default: runs/finetune/<task>-<UTC time>.md, untracked)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,14 +254,20 @@ def main(argv=None) -> None:
     task = TASKS[args.task]()
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
     results = [run(name, METHODS[name], task, tokenizer, args.steps, args.batch_size, seed)
                for seed in seeds for name in names]
     majority = max(sum(l == k for _, l in task.test) for k in range(len(task.labels))) / len(task.test)
     table = markdown_table(summarise(results), majority)
+    minutes = (time.perf_counter() - started) / 60
     header = (f"# Fine-tuning MiniLM-L6 on {task.name}\n\n{len(task.train)} train / {len(task.test)} test examples, "
               f"{args.steps} steps of batch {args.batch_size}, seeds {seeds}; {platform.processor() or platform.machine()}"
               f", {torch.get_num_threads()} threads, torch {torch.__version__}. Command: "
-              f"`python -m benchmarks.finetune --task {args.task} --steps {args.steps} --seeds {args.seeds}`\n\n")
+              f"`python -m benchmarks.finetune --task {args.task} --steps {args.steps} --seeds {args.seeds}`. "
+              f"Training and evaluating all methods took {minutes:.1f} min of wall time (model loading included; "
+              f"installation not).\n\n")
+    if args.out is None:
+        args.out = run_file(args.task)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(header + table + "\n")

@@ -51,7 +51,7 @@ from randopt.lorasqueeze.export import base_weights, randlora_matrices
 from randopt.randlora.bases import (BASIS_KINDS, RandLoRABases, bases_from_tensors, compute_fingerprint, make_bases,
                                     num_bases)
 from randopt.randlora.functional import coefficient_shapes, delta_weight, init_coefficients
-from randopt.randlora.layer import linear_shape, target_matches
+from randopt.randlora.layer import linear_shape, randlora_layers, target_matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -150,41 +150,86 @@ def _plain_trained(optimizer) -> int:
                if not _is_matrix(p, g) and optimizer.state.get(p))
 
 
-def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_names=None,
-                            save_bases: bool = True) -> str:
-    """Write the RandLoRA update ``optimizer`` (a ``RandLoRAAdamW``) has trained into ``model`` as a PEFT RandLora
-    adapter directory ``out_dir``; returns its path.
-
-    ``module_names``: the layers to export (default: every nn.Linear/Conv1D weight the optimizer trains through
-    RandLoRA). They must share rank, alpha, seed and basis kind (one PEFT config). ``save_bases=False`` leaves the bases
-    out (only randopt can load that adapter, see the module doc). ``out_dir`` is written atomically (old or new adapter,
-    complete, even if the process is killed; see ``randopt._atomic``): our two files replace an existing adapter's,
-    other files in that directory are kept, and a non-empty directory that is not an adapter's is refused.
-    """
+def _optimizer_layers(model: nn.Module, optimizer, module_names) -> tuple[list, dict]:
+    """``[(name, linear module, lambda, gamma, (out, in))]`` and the common settings, from a ``RandLoRAAdamW``."""
     matrices = randlora_matrices(model, optimizer, module_names)
     settings = _common_group_settings(optimizer, matrices)
-    rank, alpha, kind = settings["rank"], settings["alpha"], settings["basis_kind"]
-    full = optimizer._bases[_bases_key(settings["group"])]
-    tensors, shapes = {}, []
+    settings["bases"] = optimizer._bases[_bases_key(settings.pop("group"))]
+    layers = []
     for name, module, p, group in ((m.name, m.module, m.param, m.group) for m in matrices):
         shape = _matrix_shape(p, group["fan_in_fan_out"])
-        shapes.append(shape)
         state = optimizer.state.get(p) or {}
         if "lambda" in state:
             lam, gam = state["lambda"], state["gamma"]
         else:  # never stepped: the update is still zero
-            lam, gam = init_coefficients(*shape, rank, dtype=torch.promote_types(p.dtype, torch.float32))
+            lam, gam = init_coefficients(*shape, settings["rank"], dtype=torch.promote_types(p.dtype, torch.float32))
+        layers.append((name, module, lam, gam, shape))
+    return layers, settings
+
+
+def _module_layers(model: nn.Module, module_names) -> tuple[list, dict]:
+    """The same from the ``RandLoRALinear`` layers ``inject_randlora`` put in ``model`` (no optimizer needed)."""
+    found = dict(randlora_layers(model))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no RandLoRALinear layer (inject_randlora) and no optimizer was "
+                         "given: pass the RandLoRAAdamW that trained the model")
+    if module_names is not None:
+        unknown = [n for n in module_names if n not in found]
+        if isinstance(module_names, str) or unknown:
+            raise ValueError(f"module_names {module_names!r}: {unknown} are not RandLoRA layers; those are "
+                             f"{list(found)}")
+        found = {n: found[n] for n in module_names}
+    if any(m.merged for m in found.values()):
+        raise ValueError("the RandLoRA layers are merged: unmerge_randlora(model) before exporting")
+    settings = {(m.rank, m.scaling * m.rank, m.shared.fingerprint): m for m in found.values()}
+    if len(settings) > 1:
+        raise ValueError("a PEFT RandLora adapter has one rank, alpha, seed and basis kind, but the layers to export "
+                         f"use several: {sorted(k[:2] for k in settings)}; export each set with module_names=")
+    first = next(iter(found.values()))
+    bases = first.shared.bases
+    common = {"rank": first.rank, "alpha": first.scaling * first.rank, "seed": bases.seed, "basis_kind": bases.kind,
+              "bases": bases}
+    return [(n, m.base_layer, m.randlora_lambda, m.randlora_gamma, (m.out_features, m.in_features))
+            for n, m in found.items()], common
+
+
+def export_randlora_adapter(model: nn.Module, optimizer=None, out_dir=None, *, module_names=None,
+                            save_bases: bool = True) -> str:
+    """Write the RandLoRA update trained into ``model`` as a PEFT RandLora adapter directory ``out_dir``; returns
+    its path.
+
+    Two routes: ``optimizer`` is the ``RandLoRAAdamW`` that trained a plain model, or None for a model with
+    ``inject_randlora`` adapter layers (``export_randlora_adapter(model, out_dir="adapter")``: the layers' own
+    coefficients and bases, no optimizer needed). ``module_names``: the layers to export (default: every
+    nn.Linear/Conv1D weight trained through RandLoRA). They must share rank, alpha, seed and basis kind (one PEFT
+    config). ``save_bases=False`` leaves the bases out (only randopt can load that adapter, see the module doc).
+    ``out_dir`` is written atomically (old or new adapter, complete, even if the process is killed; see
+    ``randopt._atomic``): our two files replace an existing adapter's, other files in that directory are kept, and a
+    non-empty directory that is not an adapter's is refused.
+    """
+    if out_dir is None:
+        raise ValueError("out_dir is required: the directory to write the adapter into")
+    if optimizer is None:
+        layers, settings = _module_layers(model, module_names)
+    else:
+        layers, settings = _optimizer_layers(model, optimizer, module_names)
+    rank, alpha, kind, full = settings["rank"], settings["alpha"], settings["basis_kind"], settings["bases"]
+    if not save_bases and settings["seed"] < 0:
+        raise ValueError("these bases were given as tensors (no seed to regenerate them from): save_bases must be True")
+    tensors = {}
+    for name, module, lam, gam, _ in layers:
         for key, value in zip(_coefficient_keys(name), (lam, gam)):
             if not torch.isfinite(value).all():
-                raise ValueError(f"{name}: the optimizer's {key.rsplit('.', 1)[1]} has non-finite values; "
+                raise ValueError(f"{name}: the {key.rsplit('.', 1)[1]} coefficients have non-finite values; "
                                  "refusing to export a broken adapter")
             tensors[key] = value.detach().to("cpu").contiguous().clone()
+    shapes = [shape for *_, shape in layers]
     d, D = sorted((max(s[0] for s in shapes), max(s[1] for s in shapes)))
-    A = full.A[:, :, :d].contiguous().clone()
-    B = full.B[:D, :num_bases(d, d, rank), :].contiguous().clone()
+    A = full.A[:, :, :d].detach().to("cpu").contiguous().clone()
+    B = full.B[:D, :num_bases(d, d, rank), :].detach().to("cpu").contiguous().clone()
     if save_bases:
         tensors[SHARED_KEYS["randlora_A"]], tensors[SHARED_KEYS["randlora_B"]] = A, B
-    unrepresented = _plain_trained(optimizer)
+    unrepresented = _plain_trained(optimizer) if optimizer is not None else 0
     if unrepresented:
         warnings.warn(f"the optimizer also trained {unrepresented} parameters that are not RandLoRA matrices (biases, "
                       "norms, embeddings, ...); a RandLora adapter does not hold them, so the base model plus this "
@@ -199,7 +244,7 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
         "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "bias": "none",
-        "fan_in_fan_out": all(linear_shape(m.module)[2] for m in matrices),
+        "fan_in_fan_out": all(linear_shape(module)[2] for _, module, *_ in layers),
         "inference_mode": True,
         "init_weights": True,
         "layers_pattern": None,
@@ -213,7 +258,7 @@ def export_randlora_adapter(model: nn.Module, optimizer, out_dir, *, module_name
         "revision": None,
         "save_projection": bool(save_bases),
         "sparse": kind == "sparse",
-        "target_modules": _target_modules(model, [m.name for m in matrices]),
+        "target_modules": _target_modules(model, [name for name, *_ in layers]),
         "task_type": None,
         "very_sparse": kind == "very_sparse",
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 from .lorasqueeze.adapters import LayerReport, squeeze_lora
 from .lorasqueeze.functional import ALPHA_POLICIES
 
@@ -20,6 +21,7 @@ def _alpha(text: str):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="randopt", description="randopt command line tools")
+    parser.add_argument("--version", action="version", version=f"randopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     squeeze = commands.add_parser(
         "squeeze", help="compress a PEFT LoRA adapter to a lower rank (LoRA-Squeeze)",

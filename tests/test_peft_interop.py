@@ -15,6 +15,7 @@ import randopt
 import randopt.integrations.peft as interop
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from randopt.integrations.peft import base_weights_from, export_randlora_adapter, load_randlora_adapter
+from randopt.randlora import merge_randlora, randlora_layers, unload_randlora
 from test_randlora_adamw import batches, only_targets_trainable, train
 
 peft = pytest.importorskip("peft")
@@ -405,3 +406,41 @@ def test_export_warns_about_trained_parameters_an_adapter_cannot_hold(tmp_path):
     train(model, opt, batches(1))
     with pytest.warns(UserWarning, match="not RandLoRA matrices"):
         export_randlora_adapter(model, opt, tmp_path / "a")
+
+
+# ----- the module route (inject_randlora): export, load and merge without an optimizer ---------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_module_route_exports_without_an_optimizer(name, tokens, tmp_path):
+    make, targets = MODELS[name]
+    model = randopt.inject_randlora(make(), targets, rank=RANK, alpha=ALPHA)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    train(model, opt, batches(3))
+    out = export_randlora_adapter(model, out_dir=tmp_path / "adapter")
+    config, tensors, _ = read_adapter(out)
+    assert config["r"] == RANK and config["randlora_alpha"] == ALPHA
+    assert len([k for k in tensors if k.endswith("randlora_lambda")]) == len(randlora_layers(model))
+
+    loaded, _ = load_in_peft(make(), out)
+    torch.testing.assert_close(logits(loaded, tokens), logits(model, tokens), rtol=1e-10, atol=1e-10)
+    plain = make()
+    load_randlora_adapter(plain, out)  # randopt's loader merges it into a plain model
+    torch.testing.assert_close(logits(plain, tokens), logits(model, tokens), rtol=1e-10, atol=1e-10)
+    merged = unload_randlora(copy.deepcopy(model))  # merge and unload: a plain model again
+    assert not randlora_layers(merged)
+    torch.testing.assert_close(logits(merged, tokens), logits(model, tokens), rtol=1e-10, atol=1e-10)
+
+
+def test_module_route_export_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(ValueError, match="no RandLoRALinear layer"):
+        export_randlora_adapter(tiny_llama(), out_dir=tmp_path / "a")
+    model = randopt.inject_randlora(tiny_llama(), ["q_proj"], rank=RANK)
+    randopt.inject_randlora(model, ["v_proj"], rank=4)
+    with pytest.raises(ValueError, match="one rank, alpha, seed and basis kind"):
+        export_randlora_adapter(model, out_dir=tmp_path / "a")
+    names = [n for n, _ in randlora_layers(model) if n.endswith("v_proj")]
+    config, _, _ = read_adapter(export_randlora_adapter(model, out_dir=tmp_path / "a", module_names=names))
+    assert config["r"] == 4 and config["randlora_alpha"] == 80
+    merge_randlora(model)
+    with pytest.raises(ValueError, match="unmerge_randlora"):
+        export_randlora_adapter(model, out_dir=tmp_path / "b")
+    assert not os.path.exists(tmp_path / "b")

@@ -1,0 +1,33 @@
+"""A newcomer's first hour (issue 17): honest output, the command line, the main job's files."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import randopt
+from randopt import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_version_flag(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"randopt {randopt.__version__}"
+
+
+def test_main_job_method_names_are_identifiers_accepted_back():
+    from benchmarks import finetune
+
+    assert all(name.isidentifier() for name in finetune.METHODS)
+    with pytest.raises(SystemExit):
+        finetune.main(["--methods", "full FT (torch AdamW)"])
+
+
+def test_main_job_writes_its_table_to_an_untracked_file():
+    from benchmarks import finetune
+
+    path = finetune.run_file("polarity")
+    assert path.parent == REPO / "runs" / "finetune" and path.name.startswith("polarity-")
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+    assert ignored.returncode == 0, f"{path} must be ignored by git"
