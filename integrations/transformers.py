@@ -10,8 +10,9 @@
 ``optimizer_cls_and_kwargs`` (not ``optimizers=(opt, None)``) is the route that also works with
 ``TrainingArguments(deepspeed=...)``: transformers drops ``optimizers=`` silently under DeepSpeed. The
 Trainer builds our optimizer from the model through a factory, so target modules are resolved by name.
-The learning rate is the one given here (``lr``): transformers does not pass ``args.learning_rate`` to
-an optimizer built this way; the callback warns when the two differ.
+transformers does not pass its arguments to an optimizer built this way, so ``randopt_optimizer(..., args=args)``
+reads them itself: ``learning_rate``, ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon`` (a keyword given here
+overrides), and with ``fused_backward=True`` ``max_grad_norm`` (see ``randopt_optimizer``).
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ class RandoptOptimizerFactory:
     ``torch.optim.Optimizer``: this is how we get the model, to resolve target modules by name."""
 
     def __call__(self, model, optimizer: str = "RandLoRAAdamW", target_modules=None, **kwargs):
-        return build_optimizer(model, optimizer, target_modules=target_modules, **kwargs)
+        built = build_optimizer(model, optimizer, target_modules=target_modules, **kwargs)
+        built._randopt_default_lr = "lr" not in kwargs  # read by RandoptCallback: the lr nobody chose
+        return built
 
 
 def check_optimizer_arguments(optimizer: str, target_modules=None, **kwargs) -> None:
@@ -67,10 +70,29 @@ def build_optimizer(model, optimizer: str, target_modules=None, **kwargs) -> tor
     return LoRAProAdamW(model, **kwargs)
 
 
-def randopt_optimizer(optimizer: str = "RandLoRAAdamW", **kwargs) -> tuple[type, dict]:
+def _from_training_arguments(args) -> dict:
+    return {"lr": args.learning_rate, "weight_decay": args.weight_decay, "betas": (args.adam_beta1, args.adam_beta2),
+            "eps": args.adam_epsilon}
+
+
+def randopt_optimizer(optimizer: str = "RandLoRAAdamW", args=None, **kwargs) -> tuple[type, dict]:
     """The value for ``Trainer(optimizer_cls_and_kwargs=...)``. Checks the optimizer name, ``target_modules`` and
-    every keyword argument (names and values) now, so a typo fails here rather than when the Trainer builds it."""
+    every keyword argument (names and values) now, so a typo fails here rather than when the Trainer builds it.
+
+    ``args``: the ``TrainingArguments`` of the Trainer. Its ``learning_rate``, ``weight_decay``, ``adam_beta1/2``
+    and ``adam_epsilon`` become the optimizer's ``lr``, ``weight_decay``, ``betas`` and ``eps`` unless given here
+    (transformers does not pass them to a factory-built optimizer). With ``fused_backward=True`` the Trainer's own
+    clipping cannot see the gradients the optimizer projected and freed during backward, so a
+    ``args.max_grad_norm > 0`` becomes the optimizer's ``max_grad_norm`` (same total norm, see ``RandLoRAAdamW``)
+    and ``args.max_grad_norm`` is set to 0 so that the Trainer does not clip the remaining gradients a second time.
+    Other keywords: the optimizer's, plus ``target_modules``, ``rank``, ``alpha``, ``seed``, ``basis_kind``,
+    ``modules_to_save``, ``train_rest`` and ``plain_lr`` for ``randopt.param_groups`` (RandLoRAAdamW)."""
+    if args is not None:
+        kwargs = {**_from_training_arguments(args), **kwargs}
     check_optimizer_arguments(optimizer, **kwargs)
+    if args is not None and kwargs.get("fused_backward") and args.max_grad_norm and "max_grad_norm" not in kwargs:
+        kwargs["max_grad_norm"] = float(args.max_grad_norm)
+        args.max_grad_norm = 0.0
     return RandoptOptimizerFactory, {"optimizer": optimizer, **kwargs}
 
 
@@ -100,6 +122,8 @@ def optimizer_metrics(optimizer) -> dict[str, float]:
     metrics = {"randopt/nonfinite_skips": float(optimizer.nonfinite_skips)}
     if optimizer.engine is not None:
         metrics["randopt/engine_skipped_steps"] = float(optimizer.engine_skipped_steps)
+    if getattr(optimizer, "last_grad_norm", None) is not None:
+        metrics["randopt/grad_norm"] = optimizer.last_grad_norm
     if isinstance(optimizer, RandLoRAAdamW):
         metrics.update(randlora_metrics(optimizer))
     extra = getattr(optimizer, "metrics", None)
@@ -131,9 +155,10 @@ class RandoptCallback(TrainerCallback):
                           "optimizer_cls_and_kwargs=randopt_optimizer(...) instead.", stacklevel=2)
             return
         lrs = {group["lr"] for group in ours.param_groups}
-        if args.learning_rate not in lrs:
-            warnings.warn(f"RandoptCallback: the optimizer's learning rate {sorted(lrs)} is used, not "
-                          f"TrainingArguments.learning_rate={args.learning_rate}", stacklevel=2)
+        if getattr(ours, "_randopt_default_lr", False) and args.learning_rate not in lrs:
+            warnings.warn(f"RandoptCallback: the optimizer runs at its default learning rate {sorted(lrs)}, not "
+                          f"TrainingArguments.learning_rate={args.learning_rate}: pass args=training_args (or lr=) "
+                          "to randopt_optimizer", stacklevel=2)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         ours = unwrap_optimizer(optimizer)

@@ -267,3 +267,36 @@ def test_data_parallel_equals_single_process_on_global_batch(tmp_path):
                                atol=0)
     for key, value in single["weights"].items():
         torch.testing.assert_close(distributed["weights"][key], value, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_max_grad_norm_clips_like_clip_grad_norm(fused):
+    """In-step clipping equals torch.nn.utils.clip_grad_norm_ over the model's gradients, also where fused backward
+    has already projected and freed the matrices' gradients (one backward per step: the norm is exact)."""
+    data, max_norm = batches(4), 0.05
+    reference = tiny_llama()
+    reference_opt = randopt.RandLoRAAdamW(randopt.param_groups(reference, LLAMA_TARGETS, rank=RANK, alpha=ALPHA,
+                                                               train_rest=True), lr=LR)
+    model = tiny_llama()
+    opt = randopt.RandLoRAAdamW(randopt.param_groups(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA, train_rest=True),
+                                lr=LR, fused_backward=fused, max_grad_norm=max_norm)
+    for tokens in data:
+        lm_loss(reference, tokens).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        reference_opt.step()
+        reference_opt.zero_grad()
+        lm_loss(model, tokens).backward()
+        opt.step()
+        opt.zero_grad()
+        assert norm > max_norm, "the test must actually clip"
+        assert opt.last_grad_norm == pytest.approx(norm.item(), rel=1e-10)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "1"])
+def test_bad_max_grad_norm_is_refused(value):
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0 or None, got"):
+        randopt.RandLoRAAdamW(tiny_llama().parameters(), rank=RANK, max_grad_norm=value)
+    with pytest.raises(ValueError, match="data_parallel"):
+        randopt.RandLoRAAdamW(tiny_llama().parameters(), rank=RANK, max_grad_norm=1.0, data_parallel=True)

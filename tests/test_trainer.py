@@ -91,3 +91,51 @@ def test_callback_warns_when_the_optimizer_is_not_ours(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert any("not a randopt optimizer" in str(w.message) for w in caught)
+
+
+def trainer_with(tmp_path, **factory_options):
+    """A Trainer whose optimizer factory is given the TrainingArguments (lr 1e-2, weight decay 0.05)."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        disable_tqdm=True, learning_rate=1e-2, weight_decay=0.05, adam_beta2=0.99, lr_scheduler_type="constant",
+        save_strategy="no", max_grad_norm=0.5)
+    factory = randopt_optimizer("RandLoRAAdamW", args, target_modules=LLAMA_TARGETS, rank=3, **factory_options)
+    trainer = transformers.Trainer(model=tiny_llama(torch.float32), args=args, train_dataset=dataset(4),
+                                   optimizer_cls_and_kwargs=factory)
+    RandoptCallback.attach(trainer, export_adapter=False)
+    return trainer
+
+
+def test_factory_takes_the_training_arguments_and_the_callback_stays_quiet(tmp_path):
+    trainer = trainer_with(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "RandoptCallback" in str(w.message)]
+    group = trainer.optimizer.optimizer.param_groups[0] if hasattr(trainer.optimizer, "optimizer") else \
+        trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (1e-2, 0.05, (0.9, 0.99))
+    assert trainer.args.max_grad_norm == 0.5, "without fused backward the Trainer clips, as usual"
+    overridden = trainer_with(tmp_path / "o", lr=3e-3)
+    overridden.create_optimizer()
+    assert overridden.optimizer.param_groups[0]["lr"] == 3e-3
+
+
+def test_fused_backward_moves_the_clipping_into_the_optimizer(tmp_path):
+    trainer = trainer_with(tmp_path, fused_backward=True)
+    trainer.train()
+    ours = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert ours.max_grad_norm == 0.5 and trainer.args.max_grad_norm == 0.0
+    assert ours.last_grad_norm is not None and ours.last_grad_norm > 0
+    logged = [h for h in trainer.state.log_history if "randopt/grad_norm" in h]
+    assert logged
+
+
+def test_callback_warns_about_a_learning_rate_nobody_chose(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, optimizer_cls_and_kwargs=randopt_optimizer(
+        "RandLoRAAdamW", target_modules=LLAMA_TARGETS, rank=3))
+    RandoptCallback.attach(trainer, export_adapter=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("default learning rate" in str(w.message) for w in caught)

@@ -44,3 +44,11 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, 
         param.mul_(1 - lr * weight_decay)
     update_moments_(grad, exp_avg, exp_avg_sq, beta1, beta2)
     param.add_(adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, eps), alpha=-lr)
+
+
+def clip_factor(norms: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total_norm, factor)`` of ``torch.nn.utils.clip_grad_norm_``: the 2-norm over the given per-tensor
+    gradient norms and ``min(1, max_norm / (total_norm + 1e-6))``, the factor every gradient is multiplied by."""
+    total = torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])) if norms else \
+        torch.zeros((), dtype=torch.float64)
+    return total, (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -49,8 +49,8 @@ from ..randlora.functional import (DEFAULT_RANK, coefficient_shapes, default_alp
                                    reconstruct, scaled_basis)
 from ..randlora.quantized import refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params,
-                          check_saved_state, choice, filled_in, group_params, rank as check_rank)
-from .functional import adamw_step_
+                          check_saved_state, choice, filled_in, group_params, rank as check_rank, real)
+from .functional import adamw_step_, clip_factor
 from .groups import param_groups
 from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
@@ -100,7 +100,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                  weight_decay: float = 1e-2, *, rank: int | None = DEFAULT_RANK, alpha: float | None = None,
                  seed: int = 0, basis_kind: str = "dense", fan_in_fan_out: bool = False,
                  fused_backward: bool = False, data_parallel: bool = False, state_dtype: str = "fp32",
-                 min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0, weight_update: str = "stochastic"):
+                 min_8bit_size: int = MIN_8BIT_SIZE, rounding_seed: int = 0, weight_update: str = "stochastic",
+                 max_grad_norm: float | None = None):
         """``params``: parameters, parameter groups or a model (``param_groups(model, rank=rank)``: all-linear
         targets, the rest frozen). ``rank`` (default 32) applies to every group without a ``rank`` of its own;
         ``"rank": None`` makes a group plain AdamW. ``alpha`` defaults to ``default_alpha(rank) = 20 * rank``
@@ -119,12 +120,23 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         keeps a copy of the starting weight ``W0`` (in the weight's own dtype: one more weight's worth of
         memory per trained matrix, in the optimizer state) and writes ``round(W0 + dW)`` at every step, so
         the model always equals the adapter the coefficients describe (up to one rounding of the sum).
-        Both apply to matrices; plain parameters always get AdamW with stochastic rounding in bf16."""
+        Both apply to matrices; plain parameters always get AdamW with stochastic rounding in bf16.
+
+        ``max_grad_norm`` clips inside the step, where the optimizer still sees every gradient (with
+        ``fused_backward`` ``torch.nn.utils.clip_grad_norm_`` cannot: the matrices' gradients are projected and
+        freed during backward). The total norm is the 2-norm over the full ``dL/dW`` of every RandLoRA matrix and
+        the gradient of every plain parameter, as ``clip_grad_norm_`` over the model would compute it; every
+        coefficient gradient (projection is linear, so this equals clipping ``dL/dW`` first) and plain gradient
+        is multiplied by ``min(1, max_grad_norm / (total + 1e-6))``. With fused backward and several backward
+        passes per step, a matrix's norm is the sum of its per-backward norms (an upper bound of the
+        accumulated gradient's norm: clipping is then at least as strong). Parameters with NaN/inf gradients are
+        skipped and left out of the norm. The last total norm is in ``last_grad_norm``. Not with
+        ``data_parallel``, DeepSpeed or FSDP (use their own clipping)."""
         options = self.check_arguments(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank, alpha=alpha, seed=seed,
             basis_kind=basis_kind, fan_in_fan_out=fan_in_fan_out, fused_backward=fused_backward,
             data_parallel=data_parallel, state_dtype=state_dtype, min_8bit_size=min_8bit_size,
-            rounding_seed=rounding_seed, weight_update=weight_update)
+            rounding_seed=rounding_seed, weight_update=weight_update, max_grad_norm=max_grad_norm)
         defaults = {k: options[k] for k in GROUP_OPTIONS}
         self.min_8bit_size = options["min_8bit_size"]
         self.fused_backward = options["fused_backward"]
@@ -132,6 +144,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self.state_dtype = options["state_dtype"]
         self.rounding_seed = options["rounding_seed"]
         self.weight_update = options["weight_update"]
+        self.max_grad_norm = options["max_grad_norm"]
+        self.last_grad_norm: float | None = None
+        """The total gradient norm the last step clipped with (``max_grad_norm`` set), else None."""
+        self._norm_bounds: dict[torch.Tensor, torch.Tensor] = {}
         self._group_checks = GroupChecks(self._check_group_options, GROUP_OPTIONS, frozen=RANDLORA_OPTIONS,
                                          why_frozen="rank, alpha, seed, basis_kind and fan_in_fan_out define a "
                                          "group's RandLoRA bases and the update its coefficients stand for; build "
@@ -156,6 +172,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         cls._check_group_options(options)
         check_state_dtype(options["state_dtype"])
         choice("weight_update", options["weight_update"], WEIGHT_UPDATES)
+        options["max_grad_norm"] = real("max_grad_norm", options["max_grad_norm"], positive=True, allow_none=True)
+        if options["max_grad_norm"] is not None and options["data_parallel"]:
+            raise ValueError(f"max_grad_norm={options['max_grad_norm']} cannot be combined with data_parallel=True: "
+                             "the norm of the averaged gradient is not known to each rank")
         return check_options(options)
 
     # ----- groups and bases -------------------------------------------------------------------------
@@ -378,6 +398,9 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
     def _project_in_backward(self, p: torch.Tensor) -> None:
         group = self._group_of[p]
         grads = self._project_blocks(p, group, self._whole_blocks(p, group))
+        if self.max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+            self._norm_bounds[p] = self._norm_bounds[p] + norm if p in self._norm_bounds else norm
         accumulated = self._accumulated.get(p)
         if accumulated is None:
             self._accumulated[p] = grads
@@ -388,6 +411,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._accumulated.clear()
+        self._norm_bounds.clear()
         super().zero_grad(set_to_none)
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -414,6 +438,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             if self.weight_update == "exact" and isinstance(locator, DTensorShards):
                 raise ValueError("weight_update='exact' is not supported under FSDP2 (fully_shard) yet: use "
                                  "weight_update='stochastic'")
+            if self.max_grad_norm is not None:
+                raise RuntimeError("max_grad_norm cannot be used under DeepSpeed ZeRO or FSDP: use their own clipping "
+                                   "(DeepSpeed's \"gradient_clipping\"), which sees the gradients before the optimizer "
+                                   "projects them")
             self._sharded_call(locator, lambda group, p: self._visit(locator, group, p))
         else:
             self._whole_step()
@@ -437,6 +465,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         if self.data_parallel:
             self._all_reduce([grads for _, _, grads, _ in work], None, average=True)
         finite = self._finite([grads for _, _, grads, _ in work])
+        if self.max_grad_norm is not None:
+            self._clip([item for item, ok in zip(work, finite) if ok])
         for (p, group, grads, blocks), ok in zip(work, finite):
             state = self.state[p]
             if not ok:
@@ -447,6 +477,23 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             else:
                 state["step"] += 1
                 self._step_plain(p.data, grads[0], state, group)
+
+    def _clip(self, work) -> None:
+        """Scale the gradients about to be stepped as ``clip_grad_norm_`` would scale the full ones."""
+        norms = []
+        for p, group, grads, _ in work:
+            if not self._is_matrix(p, group):
+                norms.append(torch.linalg.vector_norm(grads[0], dtype=torch.float64))
+            elif self.fused_backward:
+                norms.append(self._norm_bounds.pop(p))
+            else:
+                norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float64))
+        total, factor = clip_factor(norms, self.max_grad_norm)
+        self.last_grad_norm = float(total)
+        if factor < 1:
+            for _, _, grads, _ in work:
+                for g in grads:
+                    g.mul_(factor.to(g.dtype))
 
     def _collect_gradients(self):
         """``[(param, group, grads, blocks)]``: coefficient gradients for matrices, the gradient for the rest."""
