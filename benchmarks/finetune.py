@@ -232,6 +232,16 @@ def run_file(task: str) -> Path:
     return RUNS / f"{task}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.md"
 
 
+def quiet_third_party() -> None:
+    """Keep optional dependencies' start-up chatter (bitsandbytes probing CPU kernels when PEFT imports it,
+    transformers' deprecation FutureWarnings) out of the main job's output: it looks like our errors."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="polarity")
@@ -243,6 +253,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the table (default: runs/finetune/<task>-<UTC time>.md, untracked)")
     args = parser.parse_args(argv)
+    quiet_third_party()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",")]

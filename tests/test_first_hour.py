@@ -31,3 +31,15 @@ def test_main_job_writes_its_table_to_an_untracked_file():
     assert path.parent == REPO / "runs" / "finetune" and path.name.startswith("polarity-")
     ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
     assert ignored.returncode == 0, f"{path} must be ignored by git"
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_and_main_job_imports_are_quiet():
+    cli_run = run_python("import sys; from randopt.cli import main; sys.exit(main(['--version']))")
+    assert cli_run.returncode == 0 and cli_run.stderr == "", cli_run.stderr
+    main_job = run_python("from benchmarks.finetune import quiet_third_party; quiet_third_party(); import peft, "
+                          "randopt, transformers")
+    assert main_job.returncode == 0 and main_job.stderr == "", main_job.stderr

@@ -492,7 +492,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
     def metrics(self) -> dict[str, float]:
         """The last step's distance between the raw and the adjusted factor gradients, summed over pairs (the raw
         ones: LoRA's gradients in efficient mode, those of the Adam direction in full mode), absolute and
-        relative to the raw ones' norm. Logged by ``RandoptCallback``. Under DeepSpeed in full mode each rank
+        relative to the raw ones' norm: ``adjustment_distance = sqrt(sum ||gA - gA_raw||^2 + ||gB - gB_raw||^2)``,
+        ``relative_adjustment = adjustment_distance / sqrt(sum ||gA_raw||^2 + ||gB_raw||^2)``. The closed form
+        multiplies by ``(A A^T)^-1 / s^2`` and ``(B^T B)^-1``, large while ``A``'s singular values are small and
+        ``B`` is near zero (early training), so values in the hundreds or thousands are normal: compare the metric
+        over steps, not with 1. Logged by ``RandoptCallback``. Under DeepSpeed in full mode each rank
         adjusts only the pairs whose moments it holds, so each rank reports its own pairs."""
         moved, raw = (math.sqrt(float(t)) for t in self._adjustment)
         return {"lorapro/adjustment_distance": moved, "lorapro/relative_adjustment": moved / raw if raw else 0.0}
