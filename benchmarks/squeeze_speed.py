@@ -2,7 +2,7 @@
 
 Methods, per square ``n x n`` layer (fp32, ``alpha = 128``):
 
-- ours (factored): ``randopt.lorasqueeze.squeeze_factors`` (QR of both factors, SVD of the 64 x 64 core);
+- ours (factored): ``randopt.lorasqueeze.functional.squeeze_factors`` (QR of both factors, SVD of the 64 x 64 core);
 - dense SVD: form ``s * B @ A`` and ``torch.linalg.svd(full_matrices=False)``, truncate;
 - PEFT convert: ``peft.tuners.lora.conversion._convert_module_to_lora`` on a PEFT LoRA layer (what
   ``convert_to_lora`` runs per layer: ``get_delta_weight`` + dense SVD);
@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from randopt.lorasqueeze import lora_scale, squeeze_factors
+from randopt.lorasqueeze.functional import lora_scale, squeeze_factors
 
 from .common import add_thread_args, machine_line, markdown_table, median, set_threads, time_round_robin, write_result
 
@@ -151,7 +151,7 @@ def report(rows, args, repeats, cheap_repeats) -> str:
         "",
         machine_line(args.threads),
         "",
-        "Methods: ours = `randopt.lorasqueeze.squeeze_factors` (QR of both factors + SVD of the 64x64 core); "
+        "Methods: ours = `randopt.lorasqueeze.functional.squeeze_factors` (QR of both factors + SVD of the 64x64 core); "
         "dense SVD = `torch.linalg.svd(B @ A, full_matrices=False)`; PEFT convert = "
         "`peft.tuners.lora.conversion._convert_module_to_lora` (the per-layer step of `convert_to_lora`); "
         "PEFT merge-SVD = `LoraModel._svd_generalized_task_arithmetic_weighted_adapter` (the per-layer step of "

@@ -43,3 +43,21 @@ def test_cli_and_main_job_imports_are_quiet():
     main_job = run_python("from benchmarks.finetune import quiet_third_party; quiet_third_party(); import peft, "
                           "randopt, transformers")
     assert main_job.returncode == 0 and main_job.stderr == "", main_job.stderr
+
+
+@pytest.mark.parametrize("package", ["randopt", "randopt.lorasqueeze", "randopt.optim", "randopt.randlora",
+                                     "randopt.lorapro"])
+def test_packages_export_only_their_public_names(package):
+    import importlib
+    import inspect
+
+    module = importlib.import_module(package)
+    exported = {name for name, value in vars(module).items()
+                if not name.startswith("_") and not inspect.ismodule(value)}
+    exported |= set(getattr(module, "_OPTIMIZER_NAMES", ()))  # randopt.lorapro's lazy names
+    assert exported == set(module.__all__) - {"__version__"} - {n for n in module.__all__
+                                                                if inspect.ismodule(getattr(module, n))}
+    for name in module.__all__:
+        value = getattr(module, name)
+        if callable(value) and not inspect.ismodule(value):
+            assert (value.__doc__ or "").strip(), f"{package}.{name} is public and needs a docstring"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
-from randopt.lorapro import (LoRAProAdamW, adjust_gradients, equivalent_gradient, find_lora_pairs,
-                             lora_gradients, lorapro_groups, projected_gradient, solve_x)
+from randopt.lorapro import (LoRAProAdamW, adjust_gradients, equivalent_gradient, find_lora_pairs, lorapro_groups,
+                             projected_gradient)
+from randopt.lorapro.functional import lora_gradients, solve_x
 
 peft = pytest.importorskip("peft")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

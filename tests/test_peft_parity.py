@@ -6,8 +6,8 @@ import torch
 
 import randopt.randlora.autograd as autograd_core
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
-from randopt.randlora import (bases_from_tensors, inject_randlora, make_bases, randlora_layers, scaled_basis,
-                              unload_randlora)
+from randopt.randlora import bases_from_tensors, inject_randlora, make_bases, randlora_layers, unload_randlora
+from randopt.randlora.functional import scaled_basis
 
 peft = pytest.importorskip("peft")
 

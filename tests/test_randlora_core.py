@@ -11,9 +11,11 @@ from torch import nn
 
 import randopt.randlora.autograd as autograd_core
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
-from randopt.randlora import (RandLoRALinear, bases_from_tensors, delta_weight, init_coefficients, inject_randlora,
-                              make_bases, merge_randlora, num_bases, project, randlora_layers, randlora_linear,
-                              reconstruct, scaled_basis, unload_randlora, unmerge_randlora)
+from randopt.randlora import (RandLoRALinear, bases_from_tensors, delta_weight, inject_randlora, make_bases,
+                              merge_randlora, project, randlora_layers, reconstruct, unload_randlora, unmerge_randlora)
+from randopt.randlora.autograd import randlora_linear
+from randopt.randlora.bases import num_bases
+from randopt.randlora.functional import init_coefficients, scaled_basis
 from randopt.randlora.bases import tensor_to_fingerprint
 
 F64 = torch.float64

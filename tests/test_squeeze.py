@@ -14,8 +14,9 @@ from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from randopt import _atomic, cli
 from randopt.randlora import delta_weight, make_bases
 from randopt.randlora.bases import LayerBases
-from randopt.lorasqueeze import (adapters, dense_operator, factored_svd, lora_scale, randlora_operator, randomized_svd,
-                             select_rank, squeeze_factors, squeeze_lora, squeeze_operator)
+from randopt.lorasqueeze import adapters, squeeze_lora
+from randopt.lorasqueeze.functional import (dense_operator, factored_svd, lora_scale, randlora_operator,
+                                            randomized_svd, select_rank, squeeze_factors, squeeze_operator)
 
 peft = pytest.importorskip("peft")
 

@@ -10,10 +10,11 @@ from torch import nn
 
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 import randopt
-from randopt.lorasqueeze import (RankSchedule, base_weights, export_costs, export_lora, factor_maps, factored_svd,
-                                 lora_ranks, lora_scale, maybe_squeeze, optimizer_step_count, project_moments,
-                                 randlora_delta, randlora_matrices, restore_ranks, squeeze_for_training,
+from randopt.lorasqueeze import (RankSchedule, base_weights, export_lora, maybe_squeeze, restore_ranks,
                                  squeeze_in_training)
+from randopt.lorasqueeze.export import export_costs, randlora_delta, randlora_matrices
+from randopt.lorasqueeze.functional import factor_maps, factored_svd, lora_scale, project_moments, squeeze_for_training
+from randopt.lorasqueeze.training import lora_ranks, optimizer_step_count
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -7,6 +7,7 @@ import pytest
 import randopt
 from conftest import LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from randopt.randlora import randlora_layers
+from randopt.randlora.functional import coefficient_shapes
 
 
 def trainable_names(model):
@@ -151,7 +152,7 @@ def test_trainable_summary_counts_what_is_learned(capsys):
     for group in opt.param_groups:
         for p in group["params"]:
             if group["rank"] is not None:
-                lam, gam = randopt.randlora.coefficient_shapes(*p.shape, 3)
+                lam, gam = coefficient_shapes(*p.shape, 3)
                 coefficients += lam[0] * lam[1] + gam[0] * gam[1]
     assert summary.trainable == coefficients + model.lm_head.weight.numel()
     assert summary.total == sum(p.numel() for p in model.parameters())

@@ -1,8 +1,6 @@
-"""Optimizers: one functional AdamW core under thin stateful classes."""
-from .functional import adam_direction, adamw_step_, check_hyperparameters, update_moments_
+"""Optimizers: one functional AdamW core (``randopt.optim.functional``) under thin stateful classes."""
 from .groups import param_groups
 from .lorapro_adamw import LoRAProAdamW, find_lora_pairs, lorapro_groups
 from .randlora_adamw import RandLoRAAdamW
 
-__all__ = ["LoRAProAdamW", "RandLoRAAdamW", "find_lora_pairs", "lorapro_groups", "adam_direction", "adamw_step_", "check_hyperparameters", "param_groups",
-           "update_moments_"]
+__all__ = ["LoRAProAdamW", "RandLoRAAdamW", "find_lora_pairs", "lorapro_groups", "param_groups"]

@@ -96,6 +96,9 @@ def oriented(blocks: list[Block], fan_in_fan_out: bool) -> list[tuple]:
 
 
 class RandLoRAAdamW(PartitionAwareOptimizer):
+    """AdamW on RandLoRA coefficients for every weight matrix of a RandLoRA group, plain AdamW for the rest: a
+    swap-in for ``torch.optim.AdamW`` on a plain model (see the module documentation for the rules)."""
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, rank: int | None = DEFAULT_RANK, alpha: float | None = None,
                  seed: int = 0, basis_kind: str = "dense", fan_in_fan_out: bool = False,

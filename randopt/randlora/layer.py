@@ -267,15 +267,18 @@ inject_randlora.__doc__ += TARGET_MODULES_DOC
 
 
 def randlora_layers(model: nn.Module) -> list[tuple[str, RandLoRALinear]]:
+    """``(name, layer)`` of every ``RandLoRALinear`` in ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, RandLoRALinear)]
 
 
 def merge_randlora(model: nn.Module) -> None:
+    """Add every RandLoRA layer's update into its base weight (forward then uses the base layer alone)."""
     for _, module in randlora_layers(model):
         module.merge()
 
 
 def unmerge_randlora(model: nn.Module) -> None:
+    """Take merged updates back out of the base weights (training can continue)."""
     for _, module in randlora_layers(model):
         module.unmerge()
 
