@@ -8,8 +8,10 @@ import torch
 
 import randopt.randlora.autograd as autograd_core
 from randopt import RandLoRAAdamW
-from randopt.randlora import (LayerBases, bases_from_tensors, init_coefficients, make_bases, project, randlora_linear,
-                              reconstruct, scaled_basis)
+from randopt.randlora import bases_from_tensors, make_bases, project, reconstruct
+from randopt.randlora.autograd import randlora_linear
+from randopt.randlora.bases import LayerBases
+from randopt.randlora.functional import init_coefficients, scaled_basis
 from randopt.randlora.bases import compute_fingerprint
 from randopt.randlora.sparse import TernaryMatrix, sparse_supported
 
