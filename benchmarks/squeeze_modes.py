@@ -21,7 +21,7 @@ from benchmarks.finetune import lora_model, lorapro
 
 
 def mean_rank(model) -> float:
-    from randopt.lorasqueeze import lora_ranks
+    from randopt.lorasqueeze.training import lora_ranks
 
     return statistics.fmean(lora_ranks(model).values())
 
