@@ -67,6 +67,8 @@ def missing_key(sd, data):
     position, key = data.draw(st.sampled_from(entries(sd)))
     if key == "nonfinite_skips" and "rank" not in sd["param_groups"][0]:
         return None  # LoRAProAdamW's plain parameters were not counted before: their older state lacks it
+    if key == "base_weight":
+        return None  # optional: without it exact mode takes W0 = W - dW, so a stochastic-mode checkpoint resumes
     del sd["state"][position][key]
     return f"{key} deleted"
 
