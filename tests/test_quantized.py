@@ -446,3 +446,22 @@ def test_benchmark_methods_build_and_step_on_both_bases(base, tokens):
         lora_loss(model, tokens).backward()
         opt.step()
         assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_module_route_exports_a_peft_randlora_adapter_without_an_optimizer(kind, tokens, tmp_path):
+    """PEFT RandLora adapter from a quantized-base module-route model: PEFT loads it on the quantized base (our
+    outputs) and on the full-precision base (that base plus the same dW)."""
+    from randopt.integrations.peft import export_randlora_adapter
+    model = trained_module_route(kind, tokens)
+    with torch.no_grad():
+        expected = model(tokens).logits
+        deltas = {name: layer.delta_weight() for name, layer in randlora_layers(model)}
+    export_randlora_adapter(model, out_dir=tmp_path / "randlora")
+    with torch.no_grad():
+        on_quantized = load_lora(quantized_llama(kind), tmp_path / "randlora")
+        torch.testing.assert_close(on_quantized(input_ids=tokens).logits, expected, rtol=1e-4,
+                                   atol=1e-4 if kind != "int8" else 2e-2)
+        on_full = load_lora(tiny_llama(torch.float32), tmp_path / "randlora")
+        torch.testing.assert_close(on_full(input_ids=tokens).logits,
+                                   full_precision_llama_with(deltas)(tokens).logits, rtol=1e-4, atol=1e-5)
