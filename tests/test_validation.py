@@ -135,25 +135,16 @@ def step_moves_weights(model, optimizer, run_backward):
 
 
 # ----- constructors --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,model_class,names", [(randlora, TwoLayer, RANDLORA_ARGS), (lorapro, Pair, LORAPRO_ARGS)],
+                         ids=["RandLoRAAdamW", "LoRAProAdamW"])
 @SETTINGS
-@given(bad_argument(RANDLORA_ARGS))
-def test_randlora_adamw_refuses_every_bad_argument(argument):
-    name, value = argument
-    model = TwoLayer()
+@given(data=st.data())
+def test_optimizer_refuses_every_bad_argument(make, model_class, names, data):
+    name, value = data.draw(bad_argument(names))
+    model = model_class()
     before = snapshot(model)
     with pytest.raises(ValueError, match=name):
-        randlora(model, **{name: value})
-    assert_same(before, snapshot(model))
-
-
-@SETTINGS
-@given(bad_argument(LORAPRO_ARGS))
-def test_lorapro_adamw_refuses_every_bad_argument(argument):
-    name, value = argument
-    model = Pair()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=name):
-        lorapro(model, **{name: value})
+        make(model, **{name: value})
     assert_same(before, snapshot(model))
 
 
