@@ -37,3 +37,14 @@ def tokens():
 
 GPT2_TARGETS = ["c_attn", "c_fc", "c_proj"]
 LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+
+
+@pytest.fixture(params=[(True, True), (False, False), (True, False), (False, True)],
+                ids=["merged", "factored", "fwd-merged-bwd-factored", "fwd-factored-bwd-merged"])
+def order(request, monkeypatch):
+    """Every contraction order of the RandLoRA autograd core, forced, for tests that must hold in all of them."""
+    import randopt.randlora.autograd as autograd_core
+
+    forward_merged, backward_merged = request.param
+    monkeypatch.setattr(autograd_core, "_forward_merged", lambda *a, **k: forward_merged)
+    monkeypatch.setattr(autograd_core, "_backward_merged", lambda *a, **k: backward_merged)

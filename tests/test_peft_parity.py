@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 
-import randopt.randlora.autograd as autograd_core
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from randopt.randlora import bases_from_tensors, inject_randlora, make_bases, randlora_layers, unload_randlora
 from randopt.randlora.functional import scaled_basis
@@ -14,14 +13,6 @@ peft = pytest.importorskip("peft")
 RANK, ALPHA = 3, 5.0
 MODELS = [(tiny_gpt2, GPT2_TARGETS), (tiny_llama, LLAMA_TARGETS)]
 MODEL_IDS = ["gpt2-conv1d", "llama-linear"]
-
-
-@pytest.fixture(params=[(True, True), (False, False), (True, False), (False, True)],
-                ids=["merged", "factored", "fwd-merged-bwd-factored", "fwd-factored-bwd-merged"])
-def order(request, monkeypatch):
-    forward_merged, backward_merged = request.param
-    monkeypatch.setattr(autograd_core, "_forward_merged", lambda *a, **k: forward_merged)
-    monkeypatch.setattr(autograd_core, "_backward_merged", lambda *a, **k: backward_merged)
 
 
 def peft_randlora(model, targets, dropout=0.0):

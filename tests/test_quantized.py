@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import randopt.randlora.autograd as autograd_core
 from conftest import LLAMA_TARGETS, tiny_llama
 from randopt.randlora import bases_from_tensors, inject_randlora, randlora_layers, unload_randlora
 from randopt.randlora.quantized import QuantizedWeight, is_quantized
@@ -52,14 +51,6 @@ def quantized_llama(kind: str, seed: int = 0) -> nn.Module:
     # what transformers sets when it loads a model quantized; PEFT picks its bitsandbytes layers from it
     model.is_loaded_in_8bit, model.is_loaded_in_4bit = kind == "int8", kind != "int8"
     return model
-
-
-@pytest.fixture(params=[(True, True), (False, False), (True, False), (False, True)],
-                ids=["merged", "factored", "fwd-merged-bwd-factored", "fwd-factored-bwd-merged"])
-def order(request, monkeypatch):
-    forward_merged, backward_merged = request.param
-    monkeypatch.setattr(autograd_core, "_forward_merged", lambda *a, **k: forward_merged)
-    monkeypatch.setattr(autograd_core, "_backward_merged", lambda *a, **k: backward_merged)
 
 
 def build_pair(kind: str):
