@@ -65,8 +65,11 @@ def module_route(make_base, lr, rank=32):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
-FULL, LORA8, LORA64 = "full FT (AdamW)", "PEFT LoRA r8 (AdamW)", "PEFT LoRA r64 (AdamW)"
-RANDLORA = "RandLoRAAdamW r32"
+FULL, LORA8, LORA64 = "full_ft_adamw", "peft_lora_r8", "peft_lora_r64"
+RANDLORA, RANDLORA_8BIT, PEFT_RANDLORA, MODULE_ROUTE = ("randlora_adamw_r32", "randlora_adamw_r32_8bit",
+                                                        "peft_randlora_r32", "module_route_r32")
+SPARSE, VERY_SPARSE = "randlora_adamw_r32_sparse", "randlora_adamw_r32_very_sparse"
+LORAPRO_FULL, LORAPRO_EFFICIENT, LORAPRO_8BIT = "lorapro_full_r8", "lorapro_efficient_r8", "lorapro_full_r8_8bit"
 SQUEEZED = f"posthoc_squeeze_r{SQUEEZE_RANK}"
 ENERGY_SQUEEZED = f"energy_squeeze_mean_r{SQUEEZE_RANK}"
 CONT_SQUEEZE = f"cont_squeeze_r{SQUEEZE_RANK}"
@@ -76,7 +79,7 @@ IN_SQUEEZE_LORAPRO = f"in_squeeze_r{SQUEEZE_RANK}_lorapro"
 SQUEEZE_ROWS = [LORA8, LORA64, SQUEEZED, ENERGY_SQUEEZED, CONT_SQUEEZE, IN_SQUEEZE, IN_SQUEEZE_RESET,
                 IN_SQUEEZE_LORAPRO]
 """The rows of ``suite_squeeze.md``: LoRA-Squeeze's modes against LoRA trained at the target rank."""
-SPARSE_ROWS = [RANDLORA, "randlora_adamw_r32_sparse", "randlora_adamw_r32_very_sparse"]
+SPARSE_ROWS = [RANDLORA, SPARSE, VERY_SPARSE]
 """The rows of ``suite_sparse.md``: RandLoRAAdamW with dense, sparse and very sparse ternary bases."""
 RANDLORA_NOTE = "RandLoRA r32 (scale 20) on q,k,v,dense"
 LR = LEARNING_RATES
@@ -92,21 +95,18 @@ METHODS: dict[str, Method] = {
     FULL: Method(full_ft, LR["full FT"], "every weight"),
     LORA8: Method(peft_lora, LR["LoRA"], "LoRA r8 alpha 16 on q,k,v,dense", {"rank": 8}),
     LORA64: Method(peft_lora, LORA64_LR, "LoRA r64 alpha 128 on q,k,v,dense", {"rank": 64}),
-    "PEFT RandLora r32 (AdamW)": Method(peft_randlora, LR["RandLoRA"], RANDLORA_NOTE + "; PEFT's bases"),
-    "RandLoRAAdamW r32": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; plain model"),
-    "module route r32 (AdamW)": Method(module_route, LR["RandLoRA"],
-                                       RANDLORA_NOTE + "; randopt.randlora.inject_randlora"),
-    "LoRA-Pro full r8": Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model", {"mode": "full"}),
-    "LoRA-Pro efficient r8": Method(lorapro, LR["LoRA-Pro efficient"], "PEFT LoRA r8 model", {"mode": "efficient"}),
-    "RandLoRAAdamW r32 8-bit": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; 8-bit moments",
-                                      {"state_dtype": "8bit"}),
-    "LoRA-Pro full r8 8-bit": Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model; 8-bit moments",
-                                     {"mode": "full", "state_dtype": "8bit"}),
-    "randlora_adamw_r32_sparse": Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; sparse bases (density 1/3)",
-                                        {"basis_kind": "sparse"}),
-    "randlora_adamw_r32_very_sparse": Method(randlora_adamw, LR["RandLoRA"],
-                                             RANDLORA_NOTE + "; very sparse bases (density 1/sqrt(D))",
-                                             {"basis_kind": "very_sparse"}),
+    PEFT_RANDLORA: Method(peft_randlora, LR["RandLoRA"], RANDLORA_NOTE + "; PEFT's bases"),
+    RANDLORA: Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; plain model"),
+    MODULE_ROUTE: Method(module_route, LR["RandLoRA"], RANDLORA_NOTE + "; randopt.randlora.inject_randlora"),
+    LORAPRO_FULL: Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model", {"mode": "full"}),
+    LORAPRO_EFFICIENT: Method(lorapro, LR["LoRA-Pro efficient"], "PEFT LoRA r8 model", {"mode": "efficient"}),
+    RANDLORA_8BIT: Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; 8-bit moments", {"state_dtype": "8bit"}),
+    LORAPRO_8BIT: Method(lorapro, LR["LoRA-Pro full"], "PEFT LoRA r8 model; 8-bit moments",
+                         {"mode": "full", "state_dtype": "8bit"}),
+    SPARSE: Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; sparse bases (density 1/3)",
+                   {"basis_kind": "sparse"}),
+    VERY_SPARSE: Method(randlora_adamw, LR["RandLoRA"], RANDLORA_NOTE + "; very sparse bases (density 1/sqrt(D))",
+                        {"basis_kind": "very_sparse"}),
     CONT_SQUEEZE: Method(cont_squeeze, SQUEEZE_HIGH_LR, SQUEEZE_NOTE + " in place after the given share of the steps, "
                          f"then a fresh AdamW at r{SQUEEZE_RANK} with LoRA r8's rate",
                          {"high_fraction": CONT_HIGH_FRACTION, "target": SQUEEZE_RANK, "target_lr": LR["LoRA"]}),
@@ -121,26 +121,29 @@ METHODS: dict[str, Method] = {
 }
 DERIVED = {SQUEEZED: LORA64, ENERGY_SQUEEZED: LORA64}
 """Rows computed from another method's trained model (no training of their own): name -> source method."""
-SAME_LR = {"RandLoRAAdamW r32 8-bit": RANDLORA, "LoRA-Pro full r8 8-bit": "LoRA-Pro full r8",
-           "PEFT RandLora r32 (AdamW)": RANDLORA, "module route r32 (AdamW)": RANDLORA,
-           "randlora_adamw_r32_sparse": RANDLORA, "randlora_adamw_r32_very_sparse": RANDLORA,
-           IN_SQUEEZE_LORAPRO: "LoRA-Pro full r8"}
+EIGHT_BIT = {RANDLORA_8BIT: RANDLORA, LORAPRO_8BIT: LORAPRO_FULL}
+"""Methods with 8-bit moments -> the same method with fp32 moments."""
+SAME_LR = {**EIGHT_BIT, PEFT_RANDLORA: RANDLORA, MODULE_ROUTE: RANDLORA, SPARSE: RANDLORA, VERY_SPARSE: RANDLORA,
+           IN_SQUEEZE_LORAPRO: LORAPRO_FULL}
 """Methods that take another's learning rate instead of a sweep of their own: 8-bit variants their fp32
 method's; PEFT RandLora, the module route and the sparse bases RandLoRAAdamW's (the same update rule);
-In-Squeeze with LoRA-Pro LoRA-Pro full r8's; In-Squeeze and Cont-Squeeze with AdamW ``SQUEEZE_HIGH_LR``."""
+In-Squeeze with LoRA-Pro ``lorapro_full_r8``'s; In-Squeeze and Cont-Squeeze with AdamW ``SQUEEZE_HIGH_LR``."""
 
 SWEEP_GRID = {
     FULL: [2e-5, 5e-5, 1e-4, 2e-4],
     LORA8: [3e-4, 1e-3, 3e-3],
     LORA64: [1e-4, 3e-4, 1e-3],
-    RANDLORA: [2e-4, 5e-4, 1.5e-3] + [{"alpha": 64, "lr": lr} for lr in (6e-4, 2e-3, 6e-3)],
-    "LoRA-Pro full r8": [5e-5, 1.5e-4, 5e-4],
-    "LoRA-Pro efficient r8": [3e-4, 1e-3, 3e-3],
+    RANDLORA: [{"alpha": alpha, "lr": lr} for alpha, rates in ((640, (2e-4, 5e-4, 1.5e-3)), (64, (6e-4, 2e-3, 6e-3)))
+               for lr in rates],
+    LORAPRO_FULL: [5e-5, 1.5e-4, 5e-4],
+    LORAPRO_EFFICIENT: [3e-4, 1e-3, 3e-3],
     CONT_SQUEEZE: [{"high_fraction": f} for f in (1 / 3, 2 / 3, 5 / 6)],
 }
 """Settings tried by ``--sweep``: a learning rate, or a dict of the method's options (``lr`` among them, e.g.
 RandLoRA's ``alpha`` with a rate, Cont-Squeeze's share of the budget at r64); every other method takes a swept
-method's rate (``SAME_LR``)."""
+method's rate (``SAME_LR``). RandLoRA's alpha 640 is the default (20 x rank 32, scale 20) and alpha 64 (scale 2) is
+tried at 3x-30x its rates, since the update of the coefficients scales with alpha x lr while the head's (a plain
+parameter) scales with lr alone."""
 LR_SWEEP = """\
 Learning rates were chosen by `python -m benchmarks.suite --sweep --tasks polarity --seeds 0` (150 steps of
 batch 32, accuracy on a validation split: the last 20% of the training split; the test split was not used)
@@ -148,7 +151,7 @@ over `SWEEP_GRID` ([suite_sweep.md](suite_sweep.md); LoRA r64's own rate: [suite
 The other methods take a swept method's rate: the 8-bit variants their fp32 method's, PEFT RandLora, the module
 route and the sparse bases RandLoRAAdamW's (the same update rule); In-Squeeze and Cont-Squeeze's r64 phase with
 AdamW 3e-4 (between r64's and r8's rates, not swept), then Cont-Squeeze LoRA r8's rate; In-Squeeze with LoRA-Pro
-LoRA-Pro full r8's.
+`lorapro_full_r8`'s.
 """
 
 
@@ -437,8 +440,8 @@ def eight_bit_section(results: list[dict], tasks: dict, names: list[str]) -> lis
     table = []
     for key, task in tasks.items():
         ok = [r for r in results if r["task"] == key and "error" not in r]
-        for name, source in SAME_LR.items():
-            if not name.endswith("8-bit") or name not in names or source not in names:
+        for name, source in EIGHT_BIT.items():
+            if name not in names or source not in names:
                 continue
             by_seed = {(r["method"], r["seed"]): r for r in ok if r["method"] in (name, source)}
             seeds = sorted({seed for method, seed in by_seed if method == name}
@@ -473,11 +476,9 @@ STYLES = {  # color, marker, filled: a method family shares a color; 8-bit varia
     FULL: ("C0", "o", True), LORA8: ("C1", "s", True), LORA64: ("C1", "D", True), SQUEEZED: ("C1", "*", True),
     ENERGY_SQUEEZED: ("C1", "P", True), CONT_SQUEEZE: ("C6", "s", True), IN_SQUEEZE: ("C7", "D", True),
     IN_SQUEEZE_RESET: ("C7", "D", False), IN_SQUEEZE_LORAPRO: ("C4", "D", True),
-    "randlora_adamw_r32_sparse": ("C3", "^", True), "randlora_adamw_r32_very_sparse": ("C3", "v", True),
-    "PEFT RandLora r32 (AdamW)": ("C2", "^", True), "RandLoRAAdamW r32": ("C3", "o", True),
-    "module route r32 (AdamW)": ("C3", "o", False), "RandLoRAAdamW r32 8-bit": ("C3", "x", True),
-    "LoRA-Pro full r8": ("C4", "v", True), "LoRA-Pro efficient r8": ("C5", "<", True),
-    "LoRA-Pro full r8 8-bit": ("C4", "x", True),
+    SPARSE: ("C3", "^", True), VERY_SPARSE: ("C3", "v", True), PEFT_RANDLORA: ("C2", "^", True),
+    RANDLORA: ("C3", "o", True), MODULE_ROUTE: ("C3", "o", False), RANDLORA_8BIT: ("C3", "x", True),
+    LORAPRO_FULL: ("C4", "v", True), LORAPRO_EFFICIENT: ("C5", "<", True), LORAPRO_8BIT: ("C4", "x", True),
 }
 
 
@@ -486,7 +487,7 @@ def plot_style(name: str, index: int) -> dict:
     larger hollow circle around RandLoRAAdamW's dot."""
     color, marker, filled = STYLES.get(name, (f"C{6 + index % 4}", "P", True))
     return {"color": color, "marker": marker, "fill": color if filled else "none", "size": 7 if filled else 12,
-            "line": "--" if "8-bit" in name else (":" if not filled else "-")}
+            "line": "--" if name in EIGHT_BIT else (":" if not filled else "-")}
 
 
 def plot(results: list[dict], tasks: list[str], task_names: dict, names: list[str], out: Path,
@@ -668,6 +669,13 @@ def jobs_for(args, names: list[str]) -> list[dict]:
             for seed in args.seeds for task in args.tasks for name in trained]
 
 
+def cache_file_name(job: dict, method: Method) -> str:
+    """The job's file in ``--cache``: a hash of the job (thread count aside) and the method's rate and options."""
+    identity = {**{k: v for k, v in job.items() if k != "threads"}, "lr": method.lr, "kwargs": method.kwargs}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return f"{job['task']}-{key}.json"
+
+
 def cached(runner: Callable[[dict], list[dict]], cache: Path | None, only: bool = False) -> Callable[[dict], list[dict]]:
     """``runner`` that keeps each job's rows in ``cache/<key>.json`` and reuses them: the key covers the job and
     the method's rate and options as the code defines them now, so a changed method runs again. Jobs with a
@@ -676,10 +684,7 @@ def cached(runner: Callable[[dict], list[dict]], cache: Path | None, only: bool 
         return runner
 
     def run(job: dict) -> list[dict]:
-        method = METHODS[job["method"]]
-        identity = {**{k: v for k, v in job.items() if k != "threads"}, "lr": method.lr, "kwargs": method.kwargs}
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        path = cache / f"{job['task']}-{key}.json"
+        path = cache / cache_file_name(job, METHODS[job["method"]])
         if path.exists():
             return [{**row, "from_cache": True} for row in json.loads(path.read_text())]
         if only:

@@ -56,11 +56,11 @@ def test_quick_run_writes_table_and_plots(tmp_path, no_data_packages, capsys):
     assert learned[suite.LORA64] > learned[suite.LORA8] == learned[suite.SQUEEZED]
     for name in (suite.CONT_SQUEEZE, suite.IN_SQUEEZE, suite.IN_SQUEEZE_RESET, suite.IN_SQUEEZE_LORAPRO):
         assert learned[name] == learned[suite.LORA8], f"{name} ends as an r8 adapter and the head"
-    assert learned["RandLoRAAdamW r32"] == learned["module route r32 (AdamW)"] < learned[suite.LORA8]
+    assert learned[suite.RANDLORA] == learned[suite.MODULE_ROUTE] < learned[suite.LORA8]
     # 8-bit moments take less room than fp32 ones (the tiny model's LoRA-Pro full moments are above the threshold)
     state = {name: float(cells[3]) for name, cells in rows.items()}
-    assert state["LoRA-Pro full r8 8-bit"] < state["LoRA-Pro full r8"]
-    assert "## 8-bit moments" in text and "| synthetic first-letter task | LoRA-Pro full r8 8-bit |" in text
+    assert state[suite.LORAPRO_8BIT] < state[suite.LORAPRO_FULL]
+    assert "## 8-bit moments" in text and f"| synthetic first-letter task | {suite.LORAPRO_8BIT} |" in text
     pytest.importorskip("matplotlib")
     for plot in ("suite_loss.png", "suite_accuracy_vs_params.png", "suite_ranks.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,12 +70,12 @@ def test_a_broken_method_is_reported_not_fatal(tmp_path, no_data_packages, monke
     def broken(make_base, lr):
         raise RuntimeError("this method is broken")
 
-    monkeypatch.setitem(suite.METHODS, "broken method", suite.Method(broken, 1e-3, "test"))
-    suite.main(["--quick", "--out", str(tmp_path), "--methods", "broken method,PEFT LoRA r8 (AdamW)"])
+    monkeypatch.setitem(suite.METHODS, "broken_method", suite.Method(broken, 1e-3, "test"))
+    suite.main(["--quick", "--out", str(tmp_path), "--methods", f"broken_method,{suite.LORA8}"])
     text = (tmp_path / "suite.md").read_text()
-    assert "| broken method | failed |" in text
+    assert "| broken_method | failed |" in text
     assert "RuntimeError: this method is broken" in text and "## Failures" in text
-    assert "| PEFT LoRA r8 (AdamW) | " in text and "| PEFT LoRA r8 (AdamW) | failed" not in text
+    assert f"| {suite.LORA8} | " in text and f"| {suite.LORA8} | failed" not in text
 
 
 def test_child_process_job_reports_peak_memory():
@@ -132,22 +132,31 @@ def test_cache_reuses_finished_jobs(tmp_path, no_data_packages, monkeypatch):
     again = (tmp_path / "suite.md").read_text()
     assert again.split("| method |")[1] == first.split("| method |")[1] and "came from `--cache`" in again
     suite.main(args + ["--cache-only", "--methods", f"{suite.LORA8},{suite.LORA64}"])
-    assert "| PEFT LoRA r64 (AdamW) | failed |" in (tmp_path / "suite.md").read_text()  # not in the cache: not run
+    assert f"| {suite.LORA64} | failed |" in (tmp_path / "suite.md").read_text()  # not in the cache: not run
     monkeypatch.setitem(suite.METHODS, suite.LORA8, suite.Method(suite.peft_lora, 5e-4))  # a changed method runs
     with pytest.raises(AssertionError, match="ran again"):
         suite.main(args)
 
 
 def test_sweep_uses_a_validation_split(tmp_path, no_data_packages, capsys):
-    suite.main(["--quick", "--sweep", "--methods", "PEFT LoRA r8 (AdamW)", "--out", str(tmp_path)])
+    suite.main(["--quick", "--sweep", "--methods", suite.LORA8, "--out", str(tmp_path)])
     text = (tmp_path / "suite_sweep.md").read_text()
     assert "validation split" in text
-    lrs = [line.split("|")[3].strip() for line in text.splitlines() if line.startswith("| PEFT LoRA r8")]
+    lrs = [line.split("|")[3].strip() for line in text.splitlines() if line.startswith(f"| {suite.LORA8} |")]
     assert [float(x) for x in lrs] == suite.SWEEP_GRID[suite.LORA8]
     full = suite.load_task("synthetic")
     validation = suite.load_task("synthetic", validation=True)
     assert not set(validation.test) & set(full.test) and not set(validation.test) & set(validation.train)
     assert set(validation.train) | set(validation.test) == set(full.train)
+
+
+def test_method_names_are_identifiers_that_methods_accepts_back():
+    """Every row name is an identifier (no spaces, as results files print it) and ``--methods`` takes it back."""
+    assert all(name.isidentifier() for name in ALL_METHODS), [n for n in ALL_METHODS if not n.isidentifier()]
+    assert len(set(ALL_METHODS)) == len(ALL_METHODS)
+    assert suite.parse_args(["--methods", ",".join(ALL_METHODS)]).names == ALL_METHODS
+    for name in ALL_METHODS:
+        assert suite.parse_args(["--methods", name]).names == [name]
 
 
 def test_bad_arguments_are_rejected():
