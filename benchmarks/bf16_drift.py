@@ -85,7 +85,7 @@ def run_randlora(task, tokenizer, mode: str, dtype, steps: int, lr: float, every
     state = optimizer_state_bytes(optimizer)
     base = sum(s["base_weight"].numel() * s["base_weight"].element_size() for s in optimizer.state.values()
                if "base_weight" in s)
-    return {"method": f"RandLoRAAdamW r32 {mode}", "dtype": str(dtype).removeprefix("torch."), "curve": curve,
+    return {"method": f"randlora_adamw_r32_{mode}", "dtype": str(dtype).removeprefix("torch."), "curve": curve,
             "accuracy": accuracy(model, tokenizer, task.test), "agreement": agree.item(),
             "state_mb": state / 2**20, "base_mb": base / 2**20, "step_ms": 1000 * statistics.median(times)}
 
@@ -104,7 +104,7 @@ def run_lorapro(task, tokenizer, dtype, steps: int, lr: float, seed: int) -> dic
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
-    return {"method": "LoRAProAdamW full r8", "dtype": f"{str(dtype).removeprefix('torch.')} base, "
+    return {"method": "lorapro_adamw_full_r8", "dtype": f"{str(dtype).removeprefix('torch.')} base, "
             f"{str(factor_dtype).removeprefix('torch.')} factors", "curve": [],
             "accuracy": accuracy(model, tokenizer, task.test), "agreement": 1.0,
             "state_mb": optimizer_state_bytes(optimizer) / 2**20, "base_mb": 0.0,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import MIB, machine_line, markdown_table, write_result
+from .common import MIB, machine_line, markdown_table, saved_for_backward, write_result
 from .optimizer_speed import CHILD_ENV, quiet, reset_peak_rss, rss_kib, state_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,15 +39,25 @@ SIZES = {  # Llama-style: hidden, layers, MLP width, heads, vocabulary
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, GALORE_RANK, LR = 32, 128, 1e-4
 SEQ = 256
-FULL, ADAM8, LORA, PEFT_RANDLORA, GALORE = ("full FT AdamW", "full FT bnb AdamW8bit", "PEFT LoRA r32",
-                                            "PEFT RandLora r32", "GaLoreAdamW r128")
-OURS, OURS_SPARSE, FUSED, FUSED_8BIT, FUSED_EXACT = ("RandLoRAAdamW r32", "RandLoRAAdamW r32 very_sparse",
-                                                     "RandLoRAAdamW r32 fused", "RandLoRAAdamW r32 fused 8bit",
-                                                     "RandLoRAAdamW r32 fused exact")
-LORAPRO_FULL, LORAPRO_EFFICIENT = "LoRAProAdamW full r32", "LoRAProAdamW efficient r32"
+FULL, ADAM8, LORA, PEFT_RANDLORA, GALORE = ("full_ft_adamw", "full_ft_bnb_adamw8bit", "peft_lora_r32",
+                                            "peft_randlora_r32", "galore_adamw_r128")
+OURS, OURS_SPARSE, FUSED, FUSED_8BIT, FUSED_EXACT = ("randlora_adamw_r32", "randlora_adamw_r32_very_sparse",
+                                                     "randlora_adamw_r32_fused", "randlora_adamw_r32_fused_8bit",
+                                                     "randlora_adamw_r32_fused_exact")
+LORAPRO_FULL, LORAPRO_EFFICIENT = "lorapro_adamw_full_r32", "lorapro_adamw_efficient_r32"
 METHODS = [FULL, ADAM8, LORA, PEFT_RANDLORA, GALORE, OURS, OURS_SPARSE, FUSED, FUSED_8BIT, FUSED_EXACT,
            LORAPRO_FULL, LORAPRO_EFFICIENT]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NOT_RUN_REASON = (
+    "Not run for lack of CPU time: the sweep runs on one core of a 2-core machine shared by several jobs, where "
+    "one 350M step at 4,096 tokens takes minutes; the runs that decide the target (PEFT LoRA r32, fused "
+    "RandLoRAAdamW stochastic and exact) and the two references (full fine-tuning, PEFT RandLora) were run first. "
+    "The 1B size (`--sizes 1B`) was not run: its full fine-tuning in fp32 needs about 16 bytes per parameter "
+    "(15 GiB) before activations on a machine whose 23 GiB are shared, and its adapter runs take tens of minutes "
+    "per point on one core.")
+TARGET_FROM = 100e6  # the issue's target holds at every size from here up
+ACCOUNTED = {"saved_for_backward_bytes": "saved for backward", "grad_bytes_after_backward": "gradients",
+             "state_bytes": "optimizer state", "bases_bytes": "bases"}
 
 
 def make_model(size: str, dtype: torch.dtype):
@@ -134,7 +144,8 @@ def child(method: str, size: str, tokens: int, dtype: str, threads: int) -> dict
     grad_bytes = 0
     for _ in range(2):
         start = time.process_time()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss, saved = saved_for_backward(lambda: model(input_ids=ids, labels=ids).loss, exclude=[model])
+        loss.backward()
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,7 +155,8 @@ def child(method: str, size: str, tokens: int, dtype: str, threads: int) -> dict
             "parameters": parameters,
             "model_bytes": model_bytes, "peak_bytes": (rss_kib("VmHWM") - baseline) * 1024,
             "state_bytes": total_state, "moment_bytes": moments, "grad_bytes_after_backward": grad_bytes,
-            "bases_bytes": bases_bytes(optimizer), "step_cpu_s": cpu[-1]}
+            "saved_for_backward_bytes": saved.bytes,
+            "bases_bytes": bases_bytes(optimizer), "step_cpu_s": cpu[-1], "threads": threads}
 
 
 def run_child(method, size, tokens, dtype, threads, timeout) -> dict:
@@ -194,7 +206,7 @@ def plot(runs: list[dict]) -> list[str]:
                 if points:
                     xs, ys = zip(*points)
                     ys = [y / MIB for y in ys] if field == "peak_bytes" else ys
-                    ax.plot(xs, ys, marker="o", label=method, linestyle="--" if "RandLoRAAdamW" not in method else "-")
+                    ax.plot(xs, ys, marker="o", label=method, linestyle="-" if method.startswith(OURS) else "--")
             ax.set(xscale="log", yscale="log", xlabel="model parameters", ylabel=label,
                    title=f"{tokens} tokens/step, {dtype} weights")
             ax.grid(True, which="both", alpha=0.3)
@@ -206,13 +218,68 @@ def plot(runs: list[dict]) -> list[str]:
     return names
 
 
+def target_rows(runs: list[dict]) -> list[list]:
+    """The issue's target per measured point of at least ``TARGET_FROM`` parameters: fused stochastic
+    RandLoRAAdamW's peak at most PEFT LoRA r32's; and what exact mode adds over stochastic."""
+    by_key = {key(r): r for r in runs}
+    rows = []
+    for lora in sorted((r for r in runs if r["method"] == LORA and r["parameters"] >= TARGET_FROM),
+                       key=lambda r: (r["parameters"], r["tokens"], r["dtype"])):
+        point = key(lora).split("|", 1)[1]
+        fused, exact = by_key.get(f"{FUSED}|{point}"), by_key.get(f"{FUSED_EXACT}|{point}")
+        row = [lora["size"], lora["tokens"], lora["dtype"], f"{lora['peak_bytes'] / MIB:.0f}"]
+        if fused is None:
+            row += ["-", "-", "not run"]
+        else:
+            ratio = fused["peak_bytes"] / lora["peak_bytes"]
+            row += [f"{fused['peak_bytes'] / MIB:.0f}", f"{ratio:.2f}x", "met" if ratio <= 1 else "missed"]
+        if exact is None or fused is None:
+            row += ["-", "-", "-"]
+        else:
+            row += [f"{exact['peak_bytes'] / MIB:.0f} ({exact['peak_bytes'] / lora['peak_bytes']:.2f}x)",
+                    f"{(exact['peak_bytes'] - fused['peak_bytes']) / MIB:+.0f}",
+                    f"{(exact['state_bytes'] - fused['state_bytes']) / MIB:.0f}"]
+        rows.append(row)
+    return rows
+
+
+def accounting_rows(runs: list[dict]) -> list[list]:
+    """Peak RSS next to the tensors' own accounting, for the runs of at least ``TARGET_FROM`` parameters that
+    recorded what autograd saved."""
+    rows = []
+    for r in sorted((r for r in runs if "saved_for_backward_bytes" in r and r["parameters"] >= TARGET_FROM),
+                    key=lambda r: (r["parameters"], r["tokens"], r["dtype"], METHODS.index(r["method"]))):
+        accounted = sum(r[field] for field in ACCOUNTED)
+        rows.append([r["method"], r["size"], r["tokens"], r["dtype"], f"{r['peak_bytes'] / MIB:.0f}"]
+                    + [f"{r[field] / MIB:.0f}" for field in ACCOUNTED]
+                    + [f"{(r['peak_bytes'] - accounted) / MIB:.0f}"])
+    return rows
+
+
+def not_run(runs: list[dict]) -> list[str]:
+    """Per measured (size, tokens, dtype) point, the methods without a finished run."""
+    points = sorted({(r["parameters"], r["size"], r["tokens"], r["dtype"]) for r in runs})
+    done = {key(r) for r in runs}
+    lines = []
+    for _, size, tokens, dtype in points:
+        missing = [m for m in METHODS if f"{m}|{size}|{tokens}|{dtype}" not in done]
+        if missing:
+            lines.append(f"- {size}, {tokens} tokens, {dtype}: " + ", ".join(f"`{m}`" for m in missing))
+    return lines
+
+
 def report(cache: dict, args, skipped: list[str]) -> str:
     runs = [r for r in cache.values() if "error" not in r]
     failed = [r for r in cache.values() if "error" in r]
+    threads = sorted({r.get("threads") for r in runs} - {None})
+    earlier = sum("threads" not in r for r in runs)
     lines = ["# Scaling: memory and time against model size\n",
              f"{machine_line(args.threads)}; measured while other jobs shared the 2 cores, so CPU seconds are "
              "indicative (memory is not affected by load). Command: `python -m benchmarks.scaling` (finished runs "
-             "are cached in `scaling.json`).\n",
+             f"are cached in `scaling.json`). Threads per run: {', '.join(map(str, threads)) or '-'} for the "
+             f"{len(runs) - earlier} runs that record it; {earlier} runs from earlier sweeps (10M-134M at 1,024 "
+             "tokens) used 1 or 2 threads, which changes their CPU seconds a little and their memory not "
+             "measurably.\n",
              "Llama-style models from a config (random init, untied embeddings, sequence length "
              f"{SEQ}); every method except full fine-tuning trains the 7 projection matrices of each layer (rank 32; "
              "GaLore rank 128) and nothing else. Peak: growth of the process's peak RSS over the built base model "
@@ -239,8 +306,26 @@ def report(cache: dict, args, skipped: list[str]) -> str:
                                  f"{r['step_cpu_s']:.2f}")
                 rows.append(cells)
             lines += [f"\n## {tokens} tokens per step, {dtype} weights\n",
-                      "Each cell: peak MiB (x PEFT LoRA r32's peak) / optimizer state MiB / CPU s per step.\n",
+                      "Each cell: peak MiB (x peft_lora_r32's peak) / optimizer state MiB / CPU s per step.\n",
                       markdown_table(["method"] + [f"{size} ({n / 1e6:.0f}M)" for n, size in sizes], rows)]
+    lines += ["\n## Target: fused RandLoRAAdamW (stochastic) at most PEFT LoRA r32's peak from 100M up\n",
+              "Peaks in MiB over the built model. Exact mode: `weight_update=\"exact\"` (fused), its peak (x LoRA's), "
+              "what it adds to the stochastic mode's peak, and its `W0` copy (exact state minus stochastic state).\n",
+              markdown_table(["size", "tokens", "weights", f"`{LORA}`", f"`{FUSED}`", "ratio", "target",
+                              f"`{FUSED_EXACT}`", "exact adds (MiB)", "W0 copy (MiB)"], target_rows(runs))]
+    accounting = accounting_rows(runs)
+    if accounting:
+        lines += ["\n## What holds the memory (tensors' own accounting)\n",
+                  "MiB. Saved for backward: the storages autograd packed during the second step's forward (the "
+                  "model's own parameters excluded); gradients: every `.grad` after backward (fused backward "
+                  "projects and frees the matrices' gradients during backward, so they are not held); rest: peak "
+                  "RSS minus those terms, i.e. the transients of backward (the logits' gradient, each layer's "
+                  "input gradients) and allocator slack.\n",
+                  markdown_table(["method", "size", "tokens", "weights", "peak RSS"] + list(ACCOUNTED.values())
+                                 + ["rest"], accounting)]
+    missing = not_run(runs)
+    if missing:
+        lines += ["\n## Methods not run at a measured point\n", NOT_RUN_REASON + "\n"] + missing
     if failed:
         lines += ["\n## Runs that failed\n"] + [f"- {key(r)}: {r['error']}" for r in failed]
     if skipped:
@@ -262,6 +347,7 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seconds", type=int, default=5400, help="stop starting runs after this long")
     args = parser.parse_args(argv)
     quiet()
+    torch.set_num_threads(args.threads)
     if args.child:
         method, size, tokens, dtype = args.child
         print(json.dumps(child(method, size, int(tokens), dtype, args.threads)))
