@@ -33,9 +33,10 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def step_benchmark_args(description: str, argv, quick_repeats: int, repeats: int) -> argparse.Namespace:
-    """Arguments of the step-time benchmarks (``--quick``, ``--repeats``, ``--threads``), applied: threads set,
-    library warnings silenced; ``args.repeats`` is filled in."""
+def step_benchmark_args(description: str, argv, quick_repeats: int, repeats: int,
+                        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Arguments of the step-time benchmarks (``--quick``, ``--repeats``, ``--threads``, and a benchmark's own from
+    ``add_arguments``), applied: threads set, library warnings silenced; ``args.repeats`` is filled in."""
     import logging
     import warnings
 
@@ -43,6 +44,8 @@ def step_benchmark_args(description: str, argv, quick_repeats: int, repeats: int
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--repeats", type=int, default=None)
     add_thread_args(parser)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -8,13 +8,10 @@ methods interleaved (``benchmarks.common.time_round_robin``); CPU time of this p
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import logging
 import re
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -23,8 +20,8 @@ from randopt import RandLoRAAdamW, param_groups
 from randopt.randlora import inject_randlora, make_bases
 from randopt.randlora.sparse import SPARSE_COST
 
-from .common import (MIB, RESULTS_DIR, add_thread_args, machine_line, markdown_table, median, ratio_spread,
-                     set_threads, time_round_robin, training_steps, write_result)
+from .common import (MIB, RESULTS_DIR, machine_line, markdown_table, median, ratio_spread, step_benchmark_args,
+                     time_round_robin, training_steps, write_result)
 from .layer_speed import OneLinear
 
 RANK = 32
@@ -32,6 +29,7 @@ KINDS = ("dense", "sparse", "very_sparse")
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LAYER_SHAPES = [(768, 768), (768, 3072), (3072, 768)]  # (out, in)
 TOKEN_COUNTS = [128, 256, 512, 1024, 2048, 4096, 8192]
+PARTS = ("kernels", "optimizer", "module", "profiles", "tokens")
 SECTION = re.compile(r"\n<!-- sparse-bases -->.*<!-- /sparse-bases -->\n", re.S)
 CACHE = RESULTS_DIR / "sparse_speed.json"
 
@@ -425,16 +423,12 @@ def report(cache: dict, machine: str, write: bool = True) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and token counts (a smoke run)")
-    parser.add_argument("--part", nargs="*", default=["kernels", "optimizer", "module", "profiles", "tokens"])
-    parser.add_argument("--repeats", type=int, default=None)
-    add_thread_args(parser)
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    repeats = args.repeats or (1 if args.quick else 3)
+    def add_parts(parser):
+        parser.add_argument("--part", nargs="*", default=list(PARTS), choices=PARTS,
+                            help="what to measure (default: all); the others come from the last run's cache")
+
+    args = step_benchmark_args(__doc__.splitlines()[0], argv, quick_repeats=1, repeats=3, add_arguments=add_parts)
+    repeats = args.repeats
     cache = json.loads(CACHE.read_text()) if CACHE.exists() and not args.quick else {}
     machine = machine_line(args.threads)
     start = time.time()

@@ -139,6 +139,49 @@ def test_stepping_groups_one_at_a_time_counts_steps_per_parameter():
     assert all(s["step"].item() == len(data) for s in split_opt.state.values())
 
 
+@pytest.mark.parametrize("state_dtype", ["fp32", "8bit"])
+def test_batched_coefficient_adamw_equals_one_matrix_at_a_time(state_dtype):
+    """The coefficient AdamW of a group's matrices runs batched (``adamw_steps_``): bit-identical to a group per
+    matrix, where each runs alone; also with step counts that differ between the matrices."""
+    data = batches(4)
+    runs = []
+    for per_matrix in (False, True):
+        model = tiny_llama(torch.float32)
+        groups = randopt.param_groups(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA)
+        if per_matrix:
+            groups = [{**group, "params": [p]} for group in groups for p in group["params"]]
+        opt = randopt.RandLoRAAdamW(groups, lr=LR, weight_decay=WD, state_dtype=state_dtype, min_8bit_size=64)
+        first = groups[0]["params"][0]
+        for i, tokens in enumerate(data):
+            lm_loss(model, tokens).backward()
+            if i == 1:
+                first.grad = None  # one matrix misses a step: its step count differs from the others'
+            opt.step()
+            opt.zero_grad()
+        runs.append(model)
+    for p, q in zip(*(run.parameters() for run in runs)):
+        assert torch.equal(p, q)
+
+
+def test_adamw_steps_equals_adamw_step_on_each_tensor():
+    from randopt.optim.functional import adamw_step_, adamw_steps_
+
+    generator = torch.Generator().manual_seed(0)
+    shapes, steps = [(3, 5), (7,), (2, 2, 2)], [1, 4, 9]
+
+    def tensors(kind):
+        return [torch.randn(shape, generator=generator).abs() if kind == "v" else torch.randn(shape, generator=generator)
+                for shape in shapes]
+
+    params, grads, exp_avgs, exp_avg_sqs = (tensors(kind) for kind in ("p", "g", "m", "v"))
+    one_by_one = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
+    adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, steps, 1e-2, 0.9, 0.99, 1e-8, 0.1)
+    for i, step in enumerate(steps):
+        adamw_step_(one_by_one[0][i], grads[i], one_by_one[1][i], one_by_one[2][i], step, 1e-2, 0.9, 0.99, 1e-8, 0.1)
+    for batched, single in zip((params, exp_avgs, exp_avg_sqs), one_by_one):
+        assert all(torch.equal(b, s) for b, s in zip(batched, single))
+
+
 def test_state_dict_is_tensors_only_and_resume_is_bit_exact(tmp_path):
     data = batches(12)
     model = tiny_llama(torch.float32)

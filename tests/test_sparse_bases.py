@@ -87,6 +87,19 @@ def test_project_and_reconstruct_equal_dense(shape):
                                    reconstruct(dense, basis, 0.7, rows=rows, cols=cols), **TOL)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=["in<out", "in>out", "square"])
+def test_reconstruct_in_the_layout_of_a_transposed_weight_gives_the_same_values(shape):
+    """A weight stored ``in x out`` (Conv1D) is seen through a transposed view: the update is made in that layout, so
+    that adding it runs contiguously, and holds the same values (to rounding: BLAS multiplies in another order)."""
+    compact, dense = layers(shape)
+    basis = scaled_basis(compact.A, *coefficients(shape))
+    for layer in (compact, dense):
+        for weight in (torch.zeros(shape, dtype=F64), torch.zeros(shape[::-1], dtype=F64).T):
+            update = reconstruct(layer, basis, 0.7, layout_of=weight)
+            assert update.stride() == weight.stride()
+            torch.testing.assert_close(update, reconstruct(layer, basis, 0.7), **TOL)
+
+
 @pytest.mark.parametrize("order", list(itertools.product([True, False], repeat=2)),
                          ids=lambda o: f"fwd-{'merged' if o[0] else 'factored'}-bwd-{'merged' if o[1] else 'factored'}")
 @pytest.mark.parametrize("dropout", [False, True], ids=["same-input", "x_adapter"])

@@ -34,7 +34,7 @@ def failing_at(function, call):
 # functions the matrix step calls while it computes: a failure in any of them must leave everything as it was
 STEP_FUNCTIONS = {
     "reconstruct": (randlora_module, "reconstruct"), "scaled_basis": (randlora_module, "scaled_basis"),
-    "adamw_step_": (randlora_module, "adamw_step_"), "read_moment": (randlora_module, "read_moment"),
+    "adamw_steps_": (randlora_module, "adamw_steps_"), "read_moment": (randlora_module, "read_moment"),
     "encode_moment": (randlora_module, "encode_moment"), "quantize": (state_module, "quantize"),
 }
 

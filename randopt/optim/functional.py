@@ -24,26 +24,50 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
 
 def update_moments_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                     beta1: float, beta2: float) -> None:
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    _update_all_moments_([grad], [exp_avg], [exp_avg_sq], beta1, beta2)
 
 
 def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta1: float, beta2: float,
                    eps: float) -> torch.Tensor:
     """Bias-corrected ``m_hat / (sqrt(v_hat) + eps)`` after ``step`` updates of the moments (step >= 1)."""
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)  # one m x n temporary, not two (LoRA-Pro full)
-    return (exp_avg / bias_correction1).div_(denom)
+    return _adam_directions([exp_avg], [exp_avg_sq], [step], beta1, beta2, eps)[0]
 
 
 def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                 step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """One AdamW step in place, as ``torch.optim.AdamW`` computes it (decoupled decay first)."""
+    adamw_steps_([param], [grad], [exp_avg], [exp_avg_sq], [step], lr, beta1, beta2, eps, weight_decay)
+
+
+def adamw_steps_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float) -> None:
+    """``adamw_step_`` on every ``params[i]`` (its own step count ``steps[i]``), batched with ``torch._foreach_*``
+    as ``torch.optim.AdamW``'s multi-tensor path does: one call per operation instead of one per tensor, the same
+    elementwise operations in the same order, so each tensor's result is bit-identical to ``adamw_step_`` on it."""
+    if not params:
+        return
     if weight_decay:
-        param.mul_(1 - lr * weight_decay)
-    update_moments_(grad, exp_avg, exp_avg_sq, beta1, beta2)
-    param.add_(adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, eps), alpha=-lr)
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+    torch._foreach_add_(params, _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps), alpha=-lr)
+
+
+def _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float) -> None:
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+
+def _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
+    bias_corrections1 = [1 - beta1 ** step for step in steps]
+    bias_corrections2_sqrt = [math.sqrt(1 - beta2 ** step) for step in steps]
+    denoms = torch._foreach_sqrt(exp_avg_sqs)  # one m x n temporary each, not two (LoRA-Pro full)
+    torch._foreach_div_(denoms, bias_corrections2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    directions = torch._foreach_div(exp_avgs, bias_corrections1)
+    torch._foreach_div_(directions, denoms)
+    return directions
 
 
 def clip_factor(norms: list[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:

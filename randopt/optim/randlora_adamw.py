@@ -50,7 +50,7 @@ from ..randlora.functional import (DEFAULT_RANK, coefficient_shapes, default_alp
 from ..randlora.quantized import refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params,
                           check_saved_state, choice, filled_in, group_params, rank as check_rank, real)
-from .functional import adamw_step_, clip_factor
+from .functional import adamw_steps_, clip_factor
 from .groups import param_groups
 from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
@@ -470,16 +470,24 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         finite = self._finite([grads for _, _, grads, _ in work])
         if self.max_grad_norm is not None:
             self._clip([item for item, ok in zip(work, finite) if ok])
-        for (p, group, grads, blocks), ok in zip(work, finite):
-            state = self.state[p]
-            if not ok:
-                state["nonfinite_skips"] += 1
-                continue
-            if self._is_matrix(p, group):
-                self._step_matrix(p, group, state, grads, blocks)
+        stepped = []
+        for item, ok in zip(work, finite):
+            if ok:
+                stepped.append(item)
             else:
-                state["step"] += 1
-                self._step_plain(p.data, grads[0], state, group)
+                self.state[item[0]]["nonfinite_skips"] += 1
+        coefficients = self._new_coefficients([(p, group, grads) for p, group, grads, _ in stepped
+                                               if self._is_matrix(p, group)])
+        # plain parameters whose AdamW runs in place, batched; the others (rounded into a low-precision weight, which
+        # draws from the rounding generator) keep their turn among the matrices
+        in_place = [(p, group, grads) for p, group, grads, _ in stepped
+                    if not self._is_matrix(p, group) and p.dtype == coefficient_dtype(p)]
+        self._plain_adamw([(p.data, grads[0], self.state[p], group) for p, group, grads in in_place])
+        for p, group, grads, blocks in stepped:
+            if self._is_matrix(p, group):
+                self._step_matrix(p, group, self.state[p], coefficients[p], blocks)
+            elif p.dtype != coefficient_dtype(p):
+                self._step_plain(p.data, grads[0], self.state[p], group)
 
     def _clip(self, work) -> None:
         """Scale the gradients about to be stepped as ``clip_grad_norm_`` would scale the full ones."""
@@ -523,9 +531,13 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
 
     @staticmethod
     def _finite(grad_lists) -> list[bool]:
-        if not grad_lists:
-            return []
-        return torch.stack([torch.stack([g.isfinite().all() for g in gs]).all() for gs in grad_lists]).tolist()
+        """Whether each list's tensors are free of NaN/inf, with one batched reduction and one device sync: a tensor's
+        largest magnitude is finite iff all its entries are (the max propagates NaN; an empty tensor is finite)."""
+        grads = [g for gs in grad_lists for g in gs if g.numel()]
+        if not grads:
+            return [True] * len(grad_lists)
+        finite = iter(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().tolist())
+        return [all([next(finite) for g in gs if g.numel()]) for gs in grad_lists]
 
     def _all_reduce(self, grad_lists, process_group, average: bool) -> None:
         """Sum (or average) the tensors of ``grad_lists`` over ``process_group`` in one flat all-reduce."""
@@ -569,13 +581,14 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         for process_group, grad_lists in by_group.values():
             self._all_reduce(grad_lists, process_group, average=False)
         finite = self._finite([self._pending[p][1] for p in order])
+        coefficients = self._new_coefficients([(p, *self._pending[p][:2]) for p, ok in zip(order, finite) if ok])
         for p, ok in zip(order, finite):
-            group, grads, blocks = self._pending[p]
+            group, _, blocks = self._pending[p]
             state = self.state[p]
             if not ok:
                 state["nonfinite_skips"] += 1
                 continue
-            self._step_matrix(p, group, state, grads, blocks)
+            self._step_matrix(p, group, state, coefficients[p], blocks)
             if blocks and self._real_step.earlier_call(p):
                 locator.refresh(p)
 
@@ -587,39 +600,76 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         if not bool(grad.isfinite().all()):
             state["nonfinite_skips"] += 1
             return
-        state["step"] += 1
         self._step_plain(span.weight, grad, state, group)
 
-    def _adamw(self, param, grad, state, prefix, group) -> None:
-        beta1, beta2 = group["betas"]
-        m, v = read_moment(state, f"{prefix}exp_avg"), read_moment(state, f"{prefix}exp_avg_sq")
-        adamw_step_(param, grad, m, v, int(state["step"].item()), group["lr"], beta1, beta2, group["eps"],
-                    group["weight_decay"])
-        write_moment(state, f"{prefix}exp_avg", m)
-        write_moment(state, f"{prefix}exp_avg_sq", v)
-
     @staticmethod
-    def _adamw_result(param, grad, state, prefix, step, group) -> tuple[torch.Tensor, dict]:
-        """``param`` after one AdamW step and the state entries of its new moments, computed on copies: nothing
-        stored changes."""
-        beta1, beta2 = group["betas"]
-        m, v = (read_moment(state, f"{prefix}{name}").clone() for name in ("exp_avg", "exp_avg_sq"))
-        param = param.clone()
-        adamw_step_(param, grad, m, v, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-        return param, {**encode_moment(state, f"{prefix}exp_avg", m), **encode_moment(state, f"{prefix}exp_avg_sq", v)}
+    def _plain_adamw(items) -> None:
+        """AdamW in place on ``[(weight, grad, state, group)]`` (weights in their exact dtype), one step counted in
+        each state, batched per group (``adamw_steps_``)."""
+        by_group: dict[int, tuple[dict, list]] = {}
+        for weight, grad, state, group in items:
+            by_group.setdefault(id(group), (group, []))[1].append((weight, grad, state))
+        for group, members in by_group.values():
+            states = [state for _, _, state in members]
+            for state in states:
+                state["step"] += 1
+            exp_avgs = [read_moment(state, "exp_avg") for state in states]
+            exp_avg_sqs = [read_moment(state, "exp_avg_sq") for state in states]
+            beta1, beta2 = group["betas"]
+            adamw_steps_([weight for weight, _, _ in members], [grad for _, grad, _ in members], exp_avgs, exp_avg_sqs,
+                         [int(state["step"].item()) for state in states], group["lr"], beta1, beta2, group["eps"],
+                         group["weight_decay"])
+            for state, m, v in zip(states, exp_avgs, exp_avg_sqs):
+                write_moment(state, "exp_avg", m)
+                write_moment(state, "exp_avg_sq", v)
 
-    def _step_matrix(self, p, group, state, grads, blocks) -> None:
-        """Coefficient AdamW, then the new update written into each owned block of the matrix: the change
-        ``dW(new) - dW(old)`` added (``"stochastic"``) or ``round(W0 + dW(new))`` (``"exact"``).
+    def _new_coefficients(self, matrices) -> dict[torch.Tensor, tuple[list[torch.Tensor], dict]]:
+        """``{param: ([lambda, gamma], moment entries)}`` after one AdamW step of the coefficients of every matrix in
+        ``[(param, group, coefficient grads)]``, computed on copies (nothing stored changes) and batched per group:
+        one ``adamw_steps_`` call for all the group's coefficients instead of two ``adamw_step_`` calls a matrix
+        (bit-identical results; the per-tensor Python overhead was a visible part of a step with many small
+        matrices or sparse bases)."""
+        by_group: dict[int, tuple[dict, list]] = {}
+        for p, group, grads in matrices:
+            by_group.setdefault(id(group), (group, []))[1].append((p, grads))
+        new = {}
+        for group, items in by_group.values():
+            values, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p, coefficient_grads in items:
+                state = self.state[p]
+                step = int(state["step"].item()) + 1
+                for name, grad in zip(COEFFICIENTS, coefficient_grads):
+                    values.append(state[name].clone())
+                    grads.append(grad)
+                    exp_avgs.append(read_moment(state, f"{name}_exp_avg").clone())
+                    exp_avg_sqs.append(read_moment(state, f"{name}_exp_avg_sq").clone())
+                    steps.append(step)
+            beta1, beta2 = group["betas"]
+            adamw_steps_(values, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["eps"],
+                         group["weight_decay"])
+            results = iter(zip(values, exp_avgs, exp_avg_sqs))
+            for p, _ in items:
+                state, coefficients, entries = self.state[p], [], {}
+                for name in COEFFICIENTS:
+                    value, m, v = next(results)
+                    coefficients.append(value)
+                    entries.update(encode_moment(state, f"{name}_exp_avg", m))
+                    entries.update(encode_moment(state, f"{name}_exp_avg_sq", v))
+                new[p] = coefficients, entries
+        return new
 
-        All or nothing: the new step count, coefficients, moments and weight blocks are computed into
-        temporaries first (coefficient-sized, and the owned blocks' new values: at most one weight's size) and
-        stored only once every one of them exists, so a failure anywhere leaves the weight, the coefficients
-        and the moments as they were."""
+    def _step_matrix(self, p, group, state, new, blocks) -> None:
+        """The coefficients and moments ``new`` (from ``_new_coefficients``) stored, and the new update written into
+        each owned block of the matrix: the change ``dW(new) - dW(old)`` added (``"stochastic"``) or
+        ``round(W0 + dW(new))`` (``"exact"``).
+
+        All or nothing: the weight blocks' new values are computed into temporaries first (at most one weight's
+        size) and everything is stored only once every one of them exists, so a failure anywhere leaves the weight,
+        the coefficients and the moments as they were."""
         layer = self._layer(p, group)
         lam, gam = state["lambda"], state["gamma"]
+        (new_lam, new_gam), moments = new
         scale = self._scale(group)
-        step = int(state["step"].item()) + 1
         exact = self.weight_update == "exact"
         old_basis = scaled_basis(layer.A, lam, gam)
         base_weight = None
@@ -627,20 +677,18 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             base_weight = state.get("base_weight")
             if base_weight is None:
                 base_weight = self._starting_weight(layer, old_basis, scale, blocks)
-        new = {name: self._adamw_result(coefficient, grad, state, f"{name}_", step, group)
-               for name, coefficient, grad in zip(COEFFICIENTS, (lam, gam), grads)}
-        new_basis = scaled_basis(layer.A, new["lambda"][0], new["gamma"][0])
+        new_basis = scaled_basis(layer.A, new_lam, new_gam)
         if exact and blocks:
             values = [reconstruct(layer, new_basis, scale, rows=rows, cols=cols).add_(base)
                       for (_, _, rows, cols), base in zip(blocks, self._base_blocks(base_weight, blocks))]
         else:
             change_basis = new_basis - old_basis
-            values = [reconstruct(layer, change_basis, scale, rows=rows, cols=cols) for _, _, rows, cols in blocks]
+            values = [reconstruct(layer, change_basis, scale, rows=rows, cols=cols, layout_of=weight)
+                      for _, weight, rows, cols in blocks]
         # every new value exists: store them
-        for name, coefficient in zip(COEFFICIENTS, (lam, gam)):
-            value, moments = new[name]
-            coefficient.copy_(value)
-            store_entries(state, moments)
+        lam.copy_(new_lam)
+        gam.copy_(new_gam)
+        store_entries(state, moments)
         state["step"] += 1
         if base_weight is not None:
             state["base_weight"] = base_weight
@@ -668,13 +716,14 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         return [part.view(weight.shape) for part, (_, weight, _, _) in zip(base.split(sizes), blocks)]
 
     def _step_plain(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-        exact_dtype = torch.promote_types(weight.dtype, torch.float32)
-        if weight.dtype == exact_dtype:
-            self._adamw(weight, grad, state, "", group)
+        """One AdamW step of a plain parameter (or of the part this rank owns), counted in its state; a weight below
+        fp32 takes the update through stochastic rounding."""
+        if weight.dtype == coefficient_dtype(weight):
+            self._plain_adamw([(weight, grad, state, group)])
             return
-        exact = weight.to(exact_dtype)
+        exact = weight.to(coefficient_dtype(weight))
         before = exact.clone()
-        self._adamw(exact, grad, state, "", group)
+        self._plain_adamw([(exact, grad, state, group)])
         add_update_(weight, exact - before, self._generator(weight.device))
 
     # ----- checkpoints --------------------------------------------------------------------------------

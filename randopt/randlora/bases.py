@@ -85,13 +85,19 @@ class LayerBases:
         compact = self._compact_for(dtype)
         return 1.0 if compact is None else compact.nnz * SPARSE_COST / (compact.rows * compact.cols)
 
-    def b_matmul(self, other: torch.Tensor, rows: slice = slice(None), add_to: torch.Tensor | None = None):
-        """``B[rows] @ other`` (plus ``add_to``)."""
+    def b_matmul(self, other: torch.Tensor, rows: slice = slice(None), add_to: torch.Tensor | None = None,
+                 column_major: bool = False):
+        """``B[rows] @ other`` (plus ``add_to``), in column-major memory when ``column_major``."""
         compact = self._compact_for(other.dtype)
         if compact is None:
             B = self._dense_B(other.dtype)[rows]
-            return B @ other if add_to is None else torch.addmm(add_to, B, other)
-        product = compact.matmul(other, rows)
+            if not column_major:
+                return B @ other if add_to is None else torch.addmm(add_to, B, other)
+            product = (other.T @ B.T).T  # the same product, which BLAS writes row-major as its transpose: no copy
+        else:
+            product = compact.matmul(other, rows)
+            if column_major:  # torch's CSR product writes row-major only: one transposing copy
+                product = product.T.contiguous().T
         return product if add_to is None else product.add_(add_to)
 
     def bt_matmul(self, other: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:

@@ -55,13 +55,19 @@ def canonical_block(layer: LayerBases, rows: slice, cols: slice) -> tuple[slice,
 
 
 def reconstruct(layer: LayerBases, basis: torch.Tensor, scale: float,
-                rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+                rows: slice = slice(None), cols: slice = slice(None),
+                layout_of: torch.Tensor | None = None) -> torch.Tensor:
     """``s * B @ basis`` oriented as the ``out x in`` weight (or the block ``[rows, cols]`` of it).
 
-    Linear in ``basis``: pass a difference of scaled bases to get the change of the update.
+    Linear in ``basis``: pass a difference of scaled bases to get the change of the update. ``layout_of``: the
+    tensor the result will be added to; the result then has its memory layout (row- or column-major), so that the
+    addition runs over both contiguously: a row-major update added to a weight stored ``in x out`` (transformers'
+    ``Conv1D``, seen through a transposed view) costs several times the addition itself.
     """
     p, q = canonical_block(layer, rows, cols)
-    block = layer.b_matmul(basis[:, q], rows=p).mul_(scale)
+    target = None if layout_of is None else layout_of.T if layer.transposed else layout_of
+    column_major = target is not None and not target.is_contiguous() and target.T.is_contiguous()
+    block = layer.b_matmul(basis[:, q], rows=p, column_major=column_major).mul_(scale)
     return block.T if layer.transposed else block
 
 
