@@ -217,6 +217,58 @@ def count_collectives() -> dict:
     return counts
 
 
+class CollectiveWindow:
+    """Collectives counted over a benchmark's measured steps only (``count_collectives`` installed at creation,
+    before the framework starts): ``start(optimizer)`` at the first measured step, ``per_step(optimizer, steps)``
+    after the last. An optimizer without a ``communicated`` counter (torch's) adds nothing of its own."""
+
+    def __init__(self):
+        self.counts = count_collectives()
+        self._before = {"all_reduces": 0, "bytes": 0}
+
+    def start(self, optimizer) -> None:
+        self.counts.clear()
+        self._before = dict(getattr(optimizer, "communicated", {"all_reduces": 0, "bytes": 0}))
+
+    def per_step(self, optimizer, steps: int) -> dict:
+        """``collectives`` (name: [calls, bytes]) and the optimizer's own ``optimizer_bytes``/``optimizer_calls``,
+        each per measured step."""
+        after = getattr(optimizer, "communicated", None)
+        own = {key: 0 if after is None else (after[key] - self._before[key]) / steps for key in ("bytes", "all_reduces")}
+        return {"collectives": {k: [v[0] / steps, v[1] / steps] for k, v in self.counts.items()},
+                "optimizer_bytes": own["bytes"], "optimizer_calls": own["all_reduces"]}
+
+
+def launch_two_ranks(module: str, child_args: list[str], env: Mapping[str, str], timeout: float | None = None):
+    """Run ``python -m <module> --child <report.json> <child_args>`` under torchrun on two local processes (a free
+    port, the repository root as working directory, ``OMP_NUM_THREADS=1`` plus ``env``); the report it wrote."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                 "-m", module, "--child", str(out), *child_args],
+                                cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
+                                text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(result.stdout[-3000:] + result.stderr[-5000:])
+        return json.loads(out.read_text())
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / MIB:,.2f}"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -19,17 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .common import count_collectives, machine_line, markdown_table, median, write_result
+from .common import CollectiveWindow, launch_two_ranks, machine_line, markdown_table, median, mib, write_result
 
 LAYERS = 2
 CONFIGS = {
@@ -69,7 +64,7 @@ def child(out_path: str, mode: str) -> None:
 
     cfg = CONFIGS[mode]
     torch.set_num_threads(1)
-    counts = count_collectives()
+    window = CollectiveWindow()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = {"train_micro_batch_size_per_gpu": cfg["batch"], "gradient_accumulation_steps": 1,
@@ -85,8 +80,7 @@ def child(out_path: str, mode: str) -> None:
             run = {"fwd_bwd": [], "engine_step": []}
             for step in range(cfg["warmup"] + cfg["steps"]):
                 if step == cfg["warmup"]:
-                    counts.clear()
-                    before = dict(getattr(optimizer, "communicated", {"all_reduces": 0, "bytes": 0}))
+                    window.start(optimizer)
                 dist.barrier()
                 start = time.perf_counter()
                 loss = engine(input_ids=ids, labels=ids).loss
@@ -97,10 +91,7 @@ def child(out_path: str, mode: str) -> None:
                 if step >= cfg["warmup"]:
                     run["fwd_bwd"].append(middle - start)
                     run["engine_step"].append(end - middle)
-            run["collectives"] = {k: [v[0] / cfg["steps"], v[1] / cfg["steps"]] for k, v in counts.items()}
-            after = getattr(optimizer, "communicated", None)
-            run["optimizer_bytes"] = 0 if after is None else (after["bytes"] - before["bytes"]) / cfg["steps"]
-            run["optimizer_calls"] = 0 if after is None else (after["all_reduces"] - before["all_reduces"]) / cfg["steps"]
+            run.update(window.per_step(optimizer, cfg["steps"]))
             if name != OPTIMIZERS[0]:
                 run["coefficients"] = sum(s[k].numel() for s in optimizer.state.values() for k in ("lambda", "gamma")
                                           if k in s)
@@ -119,25 +110,10 @@ def child(out_path: str, mode: str) -> None:
 
 # ----- the parent --------------------------------------------------------------------------------------------
 def launch(mode: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+    env = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))}
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "report.json"
-        result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                 "-m", "benchmarks.deepspeed_comm", "--child", str(out), "--mode", mode],
-                                cwd=root, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(result.stdout[-3000:] + result.stderr[-5000:])
-        return json.loads(out.read_text())
-
-
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2 ** 20:,.2f}"
+    return launch_two_ranks("benchmarks.deepspeed_comm", ["--mode", mode], env)
 
 
 def render(report: dict, mode: str, machine: str, seconds: float) -> str:

@@ -25,17 +25,13 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .common import count_collectives, machine_line, markdown_table, median, state_bytes, write_result
+from .common import (CollectiveWindow, launch_two_ranks, machine_line, markdown_table, median, mib, state_bytes,
+                     write_result)
 
 LAYERS = 2
 CONFIGS = {
@@ -98,7 +94,7 @@ def child(out_path: str, mode: str, run_name: str) -> None:
 
     cfg = CONFIGS[mode]
     torch.set_num_threads(1)
-    counts = count_collectives()
+    window = CollectiveWindow()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model(cfg, lora=run_name in LORA_MODEL_RUNS)
@@ -112,8 +108,7 @@ def child(out_path: str, mode: str, run_name: str) -> None:
     wall, cpu, fwd_bwd = [], [], []
     for step in range(cfg["warmup"] + cfg["steps"]):
         if step == cfg["warmup"]:
-            counts.clear()
-            before = dict(getattr(optimizer, "communicated", {"all_reduces": 0, "bytes": 0}))
+            window.start(optimizer)
         dist.barrier()
         start, start_cpu = time.perf_counter(), time.process_time()
         loss = model(input_ids=ids, labels=ids).loss
@@ -125,13 +120,8 @@ def child(out_path: str, mode: str, run_name: str) -> None:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             fwd_bwd.append(middle - start)
-    after = getattr(optimizer, "communicated", None)
     report.update(
-        wall=wall, cpu=cpu, fwd_bwd=fwd_bwd,
-        collectives={k: [v[0] / cfg["steps"], v[1] / cfg["steps"]] for k, v in counts.items()},
-        optimizer_bytes=0 if after is None else (after["bytes"] - before["bytes"]) / cfg["steps"],
-        optimizer_calls=0 if after is None else (after["all_reduces"] - before["all_reduces"]) / cfg["steps"],
-        state_bytes=state_bytes(optimizer), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        wall=wall, cpu=cpu, fwd_bwd=fwd_bwd, **window.per_step(optimizer, cfg["steps"]), state_bytes=state_bytes(optimizer), peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     reports = [None] * world
     dist.all_gather_object(reports, report)
     if rank == 0:
@@ -142,24 +132,8 @@ def child(out_path: str, mode: str, run_name: str) -> None:
 
 # ----- the parent --------------------------------------------------------------------------------------------
 def launch(mode: str, run_name: str) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "report.json"
-        result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                 "-m", "benchmarks.fsdp_comm", "--child", str(out), "--mode", mode, "--optimizer", run_name],
-                                cwd=root, env=env, capture_output=True, text=True, timeout=1800)
-        if result.returncode != 0:
-            raise RuntimeError(result.stdout[-3000:] + result.stderr[-5000:])
-        return json.loads(out.read_text())
-
-
-def mib(nbytes: float) -> str:
-    return f"{nbytes / 2 ** 20:,.2f}"
+    return launch_two_ranks("benchmarks.fsdp_comm", ["--mode", mode, "--optimizer", run_name], {"HF_HUB_OFFLINE": "1"},
+                            timeout=1800)
 
 
 def render(runs: dict[str, list[list[dict]]], mode: str, machine: str, seconds: float) -> str:

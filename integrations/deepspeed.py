@@ -163,7 +163,9 @@ def track_skipped_steps(engine) -> None:
     """Let the randopt optimizer inside ``engine`` report the steps DeepSpeed skips as a whole: with a NaN/inf
     gradient the engine skips the step without calling the optimizer, so the optimizer's ``nonfinite_skips`` stays
     0; ``optimizer.engine_skipped_steps`` (and ``RandoptCallback``'s ``randopt/engine_skipped_steps``) reads the
-    engine's count. ``initialize`` calls it; after a plain ``deepspeed.initialize``, call it yourself."""
+    engine's count. ``initialize`` calls it, and so does ``RandoptCallback`` added with ``RandoptCallback.attach(trainer)``
+    (the Trainer route); after a plain ``deepspeed.initialize``, call it yourself. Anything that is not an engine
+    running a randopt optimizer is left alone."""
     optimizer = getattr(engine, "basic_optimizer", None)
     if hasattr(optimizer, "engine_skipped_steps"):
         optimizer.engine = engine

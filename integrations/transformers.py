@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 from transformers import TrainerCallback
@@ -134,18 +135,39 @@ def optimizer_metrics(optimizer) -> dict[str, float]:
 
 class RandoptCallback(TrainerCallback):
     """Adds randopt's metrics to every Trainer log (``randopt/...`` keys) and, when ``export_adapter`` is
-    set, writes the learned RandLoRA update as a PEFT adapter into each checkpoint directory."""
+    set, writes the learned RandLoRA update as a PEFT adapter into each checkpoint directory.
+
+    Under DeepSpeed, a callback added with ``attach`` also counts the steps the engine skips as a whole (a NaN/inf
+    gradient: DeepSpeed then never calls the optimizer) as ``randopt/engine_skipped_steps``: it hands the Trainer's
+    engine to ``track_skipped_steps`` when training begins. Transformers does not show callbacks the engine, so a
+    callback given as ``Trainer(callbacks=[...])`` cannot, and says so."""
 
     def __init__(self, export_adapter: bool = True, adapter_subdir: str = "randopt_adapter"):
         self.export_adapter = export_adapter
         self.adapter_subdir = adapter_subdir
+        self._trainer = None
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> "RandoptCallback":
-        """Add the callback FIRST, so reporting integrations (TensorBoard, W&B, the printer) see our keys."""
+        """Add the callback FIRST, so reporting integrations (TensorBoard, W&B, the printer) see our keys; it keeps a
+        weak reference to ``trainer`` to find its DeepSpeed engine."""
         callback = cls(**kwargs)
+        callback._trainer = weakref.ref(trainer)
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
+
+    def _track_engine(self, args, ours) -> None:
+        """Let ``ours`` read the skip count of the DeepSpeed engine the Trainer runs it in (a no-op without one)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            from randopt.integrations.deepspeed import track_skipped_steps
+
+            track_skipped_steps(getattr(trainer, "model_wrapped", None))
+        elif getattr(args, "deepspeed", None) and ours.engine is None:
+            warnings.warn("RandoptCallback: this Trainer runs DeepSpeed, whose engine skips a step with a NaN/inf "
+                          "gradient without calling the optimizer; a callback given as Trainer(callbacks=[...]) cannot "
+                          "see the engine to count those steps (randopt/engine_skipped_steps): add it with "
+                          "RandoptCallback.attach(trainer) instead", stacklevel=2)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         ours = unwrap_optimizer(optimizer)
@@ -154,6 +176,7 @@ class RandoptCallback(TrainerCallback):
                           "TrainingArguments(deepspeed=...) transformers ignores optimizers=(opt, None); pass "
                           "optimizer_cls_and_kwargs=randopt_optimizer(...) instead.", stacklevel=2)
             return
+        self._track_engine(args, ours)
         lrs = {group["lr"] for group in ours.param_groups}
         if getattr(ours, "_randopt_default_lr", False) and args.learning_rate not in lrs:
             warnings.warn(f"RandoptCallback: the optimizer runs at its default learning rate {sorted(lrs)}, not "

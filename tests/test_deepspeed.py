@@ -130,11 +130,15 @@ def test_lorapro_checkpoint_resume_is_exact(zero_runs):
 @pytest.mark.distributed
 def test_trainer_factory_trains_under_deepspeed(zero_runs):
     """Trainer(optimizer_cls_and_kwargs=randopt_optimizer(...)) with TrainingArguments(deepspeed=ZeRO-2): DeepSpeed
-    steps our optimizer (not transformers' AdamW), which communicates its coefficients once per step."""
+    steps our optimizer (not transformers' AdamW), which communicates its coefficients once per step it runs. The
+    second step's loss is NaN: the engine skips it without calling the optimizer, and RandoptCallback (attached)
+    counts it as randopt/engine_skipped_steps from that step on."""
     run = zero_runs["trainer"]["factory_training"]
     assert run["optimizer"] == run["deepspeed_optimizer"] == "RandLoRAAdamW"
-    assert run["steps"] == 2 and run["changed"]
-    assert run["coefficient_all_reduces"] == 2
+    assert run["steps"] == 3 and run["changed"]
+    assert run["engine_skipped_steps"] == 1 and run["coefficient_all_reduces"] == 2
+    assert [h["randopt/engine_skipped_steps"] for h in run["logged"]] == [0.0, 1.0, 1.0]
+    assert all(h["randopt/nonfinite_skips"] == 0.0 for h in run["logged"])
 
 
 @pytest.mark.distributed

@@ -1,5 +1,8 @@
 """What a step promises: all or nothing (a failure anywhere inside leaves weight, coefficients and moments as they
 were), no NaN/inf ever written (skipped and counted instead), and fused backward accumulating like unfused."""
+import types
+from typing import NamedTuple
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -29,6 +32,24 @@ def failing_at(function, call):
             raise Injected(f"{function.__name__} call {call}")
         return function(*args, **kwargs)
     return wrapper
+
+
+def failed_with(step, owner, name, call) -> bool:
+    """Run ``step()`` with ``owner.name`` (a module's function, or an optimizer's method) failing at its ``call``-th
+    call; whether it failed. ``owner`` is restored either way."""
+    patched_instance = not isinstance(owner, types.ModuleType)
+    original = getattr(owner, name)
+    setattr(owner, name, failing_at(original, call))
+    try:
+        step()
+        return False
+    except Injected:
+        return True
+    finally:
+        if patched_instance:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
 
 
 # functions the matrix step calls while it computes: a failure in any of them must leave everything as it was
@@ -71,17 +92,7 @@ def test_a_failure_inside_a_randlora_step_leaves_everything_as_it_was(function, 
         backward(model, seed)
         before = snapshot(model, optimizer)
         rng_before = {k: g.get_state() for k, g in optimizer._generators.items()}
-        module, name = STEP_FUNCTIONS[function]
-        original = getattr(module, name)
-        setattr(module, name, failing_at(original, call))
-        try:
-            optimizer.step()
-            failed = False
-        except Injected:
-            failed = True
-        finally:
-            setattr(module, name, original)
-        if failed:
+        if failed_with(optimizer.step, *STEP_FUNCTIONS[function], call):
             assert_each_matrix_all_or_nothing(model, optimizer, before)
             assert {k: g.get_state() for k, g in optimizer._generators.items()}.keys() <= rng_before.keys() or \
                 not rng_before
@@ -148,25 +159,174 @@ def test_lorapro_tiny_scale_gives_a_counted_skip_not_nan():
     assert all(torch.isfinite(p).all() for p in (pair.A, pair.B))
 
 
-def test_a_failure_inside_a_lorapro_full_step_leaves_the_pair_as_it_was(monkeypatch):
+# ----- LoRAProAdamW: every step path all or nothing --------------------------------------------------------------
+class _Address(NamedTuple):
+    start: int
+    numel: int
+
+
+class _FragmentMapping:
+    """DeepSpeed ZeRO 1/2's ``_hp_mapping`` of a parameter this (only) rank owns whole, at ``start`` in ``flat``."""
+
+    def __init__(self, flat, start, param):
+        self.flat, self.param = flat, param
+        self.lp_fragment_address = _Address(0, param.numel())
+        self._hp = _Address(start, param.numel())
+
+    def get_hp_fragment_address(self):
+        return self._hp
+
+    def update_lp(self):
+        self.param.data.copy_(self.master())
+
+    def master(self):
+        return self.flat.narrow(0, self._hp.start, self._hp.numel).view_as(self.param)
+
+
+class LoRAProRun:
+    """Two LoRA pairs and a plain group (a matrix and a vector) between them, in one of three storages: ``whole``
+    tensors, ``zero`` (DeepSpeed ZeRO 1/2's flat fp32 partitions, one ``step()`` call per group, as DeepSpeed makes
+    them, located through ``_hp_mapping``) or ``fsdp2`` (DTensors sharded on dim 0 over a 1-rank mesh). Built the same
+    way twice, two runs step bit for bit alike."""
+
+    def __init__(self, storage, mode, state_dtype, scales=(2.0, 0.5)):
+        generator = torch.Generator().manual_seed(0)
+        shapes = {"A0": (2, 6), "B0": (5, 2), "W": (3, 4), "b": (3,), "A1": (3, 4), "B1": (6, 3)}
+        tensors = {name: torch.randn(shape, generator=generator) * 0.3 for name, shape in shapes.items()}
+        self.storage = storage
+        if storage == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            mesh = init_device_mesh("cpu", (1,))
+            self.distribute = lambda t: distribute_tensor(t, mesh, [Shard(0)])
+            tensors = {name: self.distribute(t) for name, t in tensors.items()}
+        self.params = {name: torch.nn.Parameter(t) for name, t in tensors.items()}
+        p = self.params
+        pair_groups = lorapro_groups([(p["A0"], p["B0"], scales[0]), (p["A1"], p["B1"], scales[1])], mode=mode)
+        self.optimizer = randopt.LoRAProAdamW([pair_groups[0], {"params": [p["W"], p["b"]]}, pair_groups[1]],
+                                              lr=0.05, mode=mode, state_dtype=state_dtype, min_8bit_size=1)
+        self.units = {"pair0": ["A0", "B0"], "plain W": ["W"], "plain b": ["b"], "pair1": ["A1", "B1"]}
+        self.masters = {name: param for name, param in p.items()}
+        if storage == "zero":
+            self.flats = []
+            for group in self.optimizer.param_groups:
+                originals = list(group["params"])
+                flat = torch.cat([q.detach().reshape(-1) for q in originals])
+                offset = 0
+                for q in originals:
+                    q._hp_mapping = _FragmentMapping(flat, offset, q)
+                    offset += q.numel()
+                group["params"] = [flat]
+                self.flats.append((flat, originals))
+            self.masters = {name: param._hp_mapping.master() for name, param in p.items()}
+
+    def set_gradients(self, seed):
+        generator = torch.Generator().manual_seed(100 + seed)
+        grads = {name: torch.randn(param.shape, generator=generator) for name, param in self.params.items()}
+        if self.storage == "fsdp2":
+            grads = {name: self.distribute(g) for name, g in grads.items()}
+        for name, param in self.params.items():
+            param.grad = grads[name]
+        if self.storage == "zero":
+            for flat, originals in self.flats:
+                flat.grad = torch.cat([q.grad.reshape(-1) for q in originals])
+
+    def step(self):
+        if self.storage != "zero":
+            self.optimizer.step()
+            return
+        groups = self.optimizer.param_groups
+        try:
+            for group in list(groups):  # DeepSpeed's per-group calls
+                self.optimizer.param_groups = [group]
+                self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = groups
+
+    def unit(self, name) -> dict:
+        """Copies of the unit's master weights and of every state tensor (local shards of DTensors)."""
+        from randopt.optim.locators import local_part
+
+        tensors = {}
+        for param_name in self.units[name]:
+            tensors[param_name] = local_part(self.masters[param_name]).detach().clone()
+            for key, value in self.optimizer.state.get(self.params[param_name], {}).items():
+                tensors[f"{param_name}.{key}"] = local_part(value).clone()
+        return tensors
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A 1-rank gloo process group (FSDP2's DTensors need one); the other storages ignore it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# what a LoRA-Pro step calls while it computes (and under sharding, its all-reduces): each may fail
+LORAPRO_STEP_FUNCTIONS = ["factor_grams", "projected_gradient", "lora_gradients", "adjust_gradients",
+                          "adam_direction", "update_moments_", "adamw_step_", "read_moment", "write_moment",
+                          "quantize", "_all_reduce_"]
+
+
+@pytest.mark.parametrize("storage,state_dtype", [("whole", "fp32"), ("whole", "8bit"), ("zero", "fp32"),
+                                                 ("zero", "8bit"), ("fsdp2", "fp32")])
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_a_failure_inside_a_lorapro_step_leaves_every_pair_and_parameter_as_it_was(one_rank_group, storage,
+                                                                                   state_dtype, mode):
+    """A failure at any call of any function a step computes with, from a fresh start or a trained state: every
+    pair and every plain parameter is afterwards either exactly as before the step or exactly as after a clean
+    one (weights, moments, counters), and the next step works."""
     from randopt.optim import lorapro_adamw
 
-    pair, head, optimizer, run_backward = lorapro_with_head()
-    run_backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    run_backward(1)
-    before = snapshot(pair, optimizer)
-    monkeypatch.setattr(lorapro_adamw, "adjust_gradients", failing_at(lorapro_adamw.adjust_gradients, 0))
-    with pytest.raises(Injected):
-        optimizer.step()
-    after = snapshot(pair, optimizer)
-    for key in before:
-        if key.startswith("model.") or f"state.{id(pair.A)}." in key:
-            assert torch.equal(before[key], after[key]), key
-    monkeypatch.undo()
-    optimizer.step()
-    assert not torch.equal(pair.A, before["model.A"])
+    failures = 0
+    for function in LORAPRO_STEP_FUNCTIONS:
+        for call in range(3):
+            for clean_steps in (0, 1):
+                runs = [LoRAProRun(storage, mode, state_dtype) for _ in range(2)]
+                for seed in range(clean_steps):
+                    for run in runs:
+                        run.set_gradients(seed)
+                        run.step()
+                reference, run = runs
+                for r in runs:
+                    r.set_gradients(clean_steps)
+                before = {name: run.unit(name) for name in run.units}
+                reference.step()
+                owner = run.optimizer if function == "_all_reduce_" else \
+                    state_module if function == "quantize" else lorapro_adamw
+                failed = failed_with(run.step, owner, function, call)
+                for name in run.units:
+                    after = run.unit(name)
+                    assert same(after, before[name]) or same(after, reference.unit(name)), \
+                        (function, call, clean_steps, name)
+                if failed:
+                    failures += 1
+                    run.set_gradients(clean_steps + 1)
+                    run.step()  # the optimizer still works
+                    assert all(torch.isfinite(run.unit(name)[p]).all() for name in run.units
+                               for p in run.units[name])
+    assert failures  # the injections reached the step
+
+
+@pytest.mark.parametrize("storage", ["whole", "zero", "fsdp2"])
+def test_lorapro_tiny_scale_is_a_counted_skip_under_every_storage(one_rank_group, storage):
+    run = LoRAProRun(storage, "full", "fp32", scales=(1e-30, 0.5))
+    run.set_gradients(0)
+    before = run.unit("pair0")
+    run.step()
+    assert run.optimizer.skipped_steps == {"pair0": 1, "pair1": 0}
+    after = run.unit("pair0")
+    assert torch.equal(after["A0"], before["A0"]) and torch.equal(after["B0"], before["B0"])
+    assert int(after["A0.step"]) == 0 and not after["A0.w_exp_avg"].any()
+    assert all(torch.isfinite(run.unit(name)[p]).all() for name in run.units for p in run.units[name])
 
 
 def test_zero_eps_is_refused_because_a_zero_gradient_would_give_nan():
@@ -276,3 +436,34 @@ def test_steps_the_deepspeed_engine_skips_are_counted(monkeypatch):
     engine.skipped_steps = 3  # the engine saw NaN gradients three times and never called the optimizer
     assert optimizer.engine_skipped_steps == 3 and optimizer.nonfinite_skips == 0
     assert transformers_integration.optimizer_metrics(optimizer)["randopt/engine_skipped_steps"] == 3.0
+
+
+def test_the_trainer_callback_tracks_the_engine_the_trainer_runs():
+    """``RandoptCallback.attach(trainer)`` hands the Trainer's DeepSpeed engine (``trainer.model_wrapped``) to the
+    optimizer when training begins; a callback that cannot know the Trainer warns under DeepSpeed instead."""
+    transformers_integration = pytest.importorskip("randopt.integrations.transformers")
+    pytest.importorskip("randopt.integrations.deepspeed")
+    from types import SimpleNamespace
+
+    class Trainer:  # what the callback reads of a transformers Trainer running DeepSpeed
+        def __init__(self, engine):
+            self.callback_handler = SimpleNamespace(callbacks=[])
+            self.model_wrapped = engine
+
+    optimizer = randopt.RandLoRAAdamW(TwoLayer().parameters(), rank=2)
+    engine = SimpleNamespace(basic_optimizer=optimizer, skipped_steps=0)
+    trainer = Trainer(engine)
+    callback = transformers_integration.RandoptCallback.attach(trainer, export_adapter=False)
+    args = SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, learning_rate=1e-3)
+    wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=optimizer))  # accelerate's and DeepSpeed's wrappers
+    callback.on_train_begin(args, None, None, optimizer=wrapped)
+    engine.skipped_steps = 2
+    assert optimizer.engine is engine and optimizer.engine_skipped_steps == 2
+    logs = {"loss": 1.0}
+    callback.on_log(args, SimpleNamespace(log_history=[]), None, logs=logs, optimizer=wrapped)
+    assert logs["randopt/engine_skipped_steps"] == 2.0 and logs["randopt/nonfinite_skips"] == 0.0
+
+    unattached = randopt.RandLoRAAdamW(TwoLayer().parameters(), rank=2)
+    with pytest.warns(UserWarning, match=r"cannot see the engine.*RandoptCallback.attach\(trainer\)"):
+        transformers_integration.RandoptCallback().on_train_begin(args, None, None, optimizer=unattached)
+    assert unattached.engine is None

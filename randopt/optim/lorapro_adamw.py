@@ -185,17 +185,17 @@ def _working(param: torch.Tensor) -> torch.Tensor:
     return param.to(working_dtype(param.dtype))
 
 
-def _adamw_(param, grad, state, step, group) -> None:
-    """``adamw_step_`` on a parameter of any float dtype, moments through the state storage."""
+def _adamw_result(weight, grad, state, step, group) -> torch.Tensor:
+    """``weight`` (of any float dtype) after one ``adamw_step_``, as a new tensor of the working dtype; the moments
+    are updated in ``state``, which must be the step's copy (``_trial``): nothing stored changes."""
     exp_avg, exp_avg_sq = (read_moment(state, n) for n in _MOMENTS)
-    work = _working(param)
+    work = weight.detach().to(working_dtype(weight.dtype), copy=True)
     beta1, beta2 = group["betas"]
     adamw_step_(work, grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2, group["eps"],
                 group["weight_decay"])
-    if work is not param:
-        param.copy_(work)
     write_moment(state, "exp_avg", exp_avg)
     write_moment(state, "exp_avg_sq", exp_avg_sq)
+    return work
 
 
 def _decay_base_weight_(weight: torch.Tensor, factor: float) -> None:
@@ -213,6 +213,10 @@ def _decay_base_weight_(weight: torch.Tensor, factor: float) -> None:
 
 def _new_step() -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32)
+
+
+def _new_counters() -> dict:
+    return {"step": _new_step(), "nonfinite_skips": torch.zeros((), dtype=torch.int64)}
 
 
 class LoRAProAdamW(PartitionAwareOptimizer):
@@ -369,62 +373,87 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         params = [p for p in group["params"] if p.grad is not None]
         finite = torch.stack([p.grad.sum().float() for p in params]).isfinite().tolist() if params else []
         for p, ok in zip(params, finite):
-            state = self._plain_state(p, p)
-            if not ok:
-                state["nonfinite_skips"] += 1
-                continue
-            state["step"] += 1
-            _adamw_(p, p.grad, state, int(state["step"]), group)
+            self._step_plain(p, p.data, p.grad, self._plain_trial(p, p), ok, group)
 
-    def _plain_state(self, p, like) -> dict:
-        state = self.state.get(p)
+    def _step_plain(self, p, weight, grad, state, finite: bool, group: dict) -> None:
+        """AdamW on ``weight`` (a plain parameter ``p``, or the part of it this rank owns), all or nothing: computed
+        on ``state``, the step's copy, and a new weight, then stored; a non-finite gradient counts a skip instead."""
+        if finite:
+            new_weight = _adamw_result(weight, grad, state, int(state["step"]) + 1, group)
+            state["step"] += 1
+        else:
+            new_weight = None
+            state["nonfinite_skips"] += 1
+        self.state[p] = state
+        if new_weight is not None:
+            weight.copy_(new_weight)
+
+    def _trial(self, p) -> dict:
+        """A copy of ``p``'s state (empty before its first step) for a step to compute on: the step stores it whole
+        once it is complete, so a failure on the way leaves the stored state as it was."""
+        return {key: value.clone() for key, value in self.state.get(p, {}).items()}
+
+    def _plain_trial(self, p, like) -> dict:
+        state = self._trial(p)
         if not state:
-            state = {"step": _new_step(), "nonfinite_skips": torch.zeros((), dtype=torch.int64)}
+            state = _new_counters()
             for name in _MOMENTS:
                 self._init_moment(state, name, like)
-            self.state[p] = state
         state.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64))  # state saved before it was counted
         return state
 
     def _init_moment(self, state, name, like) -> None:
         init_moment(state, name, like, self.state_dtype, self.min_8bit_size)
 
-    def _pair_state(self, A, B, mode):
-        """The pair's state (built whole before it is stored: a failure leaves none)."""
-        if self.state.get(A):
-            return self.state[A]
-        state = {"step": _new_step(), "nonfinite_skips": torch.zeros((), dtype=torch.int64)}
-        factor_states = {}
-        if mode == "full":
-            shape_of_w = A.new_zeros(()).expand(B.shape[0], A.shape[1])  # a view: nothing m x n allocated
-            for name in _FULL_MOMENTS:
-                self._init_moment(state, name, shape_of_w)
-        else:
-            for factor, factor_state in ((A, state), (B, factor_states.setdefault(B, {}))):
-                for name in _MOMENTS:
-                    self._init_moment(factor_state, name, factor)
-        self.state[A] = state
-        self.state.update(factor_states)
-        return state
+    def _pair_trials(self, A, B, mode) -> dict:
+        """Copies of the pair's states to compute a step on (``_trial``; built fresh at its first step): ``A``'s
+        (counters, and full mode's moments or A's), and in efficient mode ``B``'s."""
+        trials = {A: self._trial(A)}
+        if mode == "efficient":
+            trials[B] = self._trial(B)
+        if not trials[A]:
+            trials[A] = _new_counters()
+            if mode == "full":
+                shape_of_w = A.new_zeros(()).expand(B.shape[0], A.shape[1])  # a view: nothing m x n allocated
+                for name in _FULL_MOMENTS:
+                    self._init_moment(trials[A], name, shape_of_w)
+            else:
+                for factor in (A, B):
+                    for name in _MOMENTS:
+                        self._init_moment(trials[factor], name, factor)
+        return trials
 
     def _pair_step(self, group: dict) -> None:
+        """One pair, all or nothing: its new factors, moments and counters are computed on copies and stored once all
+        of them exist (or its skip is counted); a failure anywhere leaves the pair as it was."""
         A, B = group["params"]
         if A.grad is None and B.grad is None:
             return
         gA_lora = A.grad if A.grad is not None else torch.zeros_like(A)
         gB_lora = B.grad if B.grad is not None else torch.zeros_like(B)
-        state = self._pair_state(A, B, group["mode"])
-        if group["mode"] == "full":
-            self._full_step(group, state, A, B, gA_lora, gB_lora)
-            return
+        trials = self._pair_trials(A, B, group["mode"])
         A_w, B_w = _working(A), _working(B)
         gA_lora, gB_lora = gA_lora.to(A_w.dtype), gB_lora.to(A_w.dtype)
         grams = factor_grams(A_w, B_w, group["rcond"])
-        adjusted = self._efficient_gradients(group, state, A_w, B_w, gA_lora, gB_lora, grams)
-        if adjusted is not None:
-            gA, gB, step = adjusted
-            _adamw_(A, gA, self.state[A], step, group)
-            _adamw_(B, gB, self.state[B], step, group)
+        if group["mode"] == "full":
+            new = self._full_step(group, trials[A], A_w, B_w, gA_lora, gB_lora, grams)
+        else:
+            new = None
+            adjusted = self._efficient_gradients(group, trials[A], A_w, B_w, gA_lora, gB_lora, grams)
+            if adjusted is not None:
+                gA, gB, step = adjusted
+                new = (_adamw_result(A, gA, trials[A], step, group), _adamw_result(B, gB, trials[B], step, group))
+        if new is None and group["mode"] == "full":  # skipped: only the count changes
+            trials = self._pair_trials(A, B, "full")
+            trials[A]["nonfinite_skips"] += 1
+        self.state.update(trials)
+        if new is None:
+            return
+        base_weight = self._base_weights.get(A)
+        if group["mode"] == "full" and base_weight is not None and group["weight_decay"]:
+            base_weight.mul_(1 - group["lr"] * group["weight_decay"])
+        A.copy_(new[0])
+        B.copy_(new[1])
 
     def _efficient_gradients(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
         """Efficient mode: ``(adjusted gA, adjusted gB, step)`` for the AdamW step of the factors, or None (and
@@ -436,27 +465,14 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         state["step"] += 1
         return gA, gB, int(state["step"])
 
-    def _full_step(self, group, state, A, B, gA_lora, gB_lora) -> None:
-        """Full mode on a whole pair, all or nothing: the moments, step and factors are computed on copies and stored
-        only when every result is finite. A pair whose gradients are not finite, or whose finite gradients still
-        give a non-finite update (e.g. a tiny ``lora_scale``, whose closed form divides by its square), is skipped
-        and counted; its factors, moments and step stay as they were."""
-        trial = {key: value.clone() for key, value in state.items() if key != "nonfinite_skips"}
-        A_w, B_w = A.detach().to(working_dtype(A.dtype), copy=True), B.detach().to(working_dtype(B.dtype), copy=True)
-        gA_lora, gB_lora = gA_lora.to(A_w.dtype), gB_lora.to(A_w.dtype)
-        grams = factor_grams(A_w, B_w, group["rcond"])
-        gA, gB = self._full_update(group, trial, A_w, B_w, gA_lora, gB_lora, grams)
-        self._decay_and_descend(group, A_w, B_w, gA, gB)
-        if not _all_finite(gA_lora, gB_lora, A_w, B_w):
-            state["nonfinite_skips"] += 1
-            return
-        for key, value in trial.items():
-            state[key] = value
-        base_weight = self._base_weights.get(A)
-        if base_weight is not None and group["weight_decay"]:
-            base_weight.mul_(1 - group["lr"] * group["weight_decay"])
-        A.copy_(A_w)
-        B.copy_(B_w)
+    def _full_step(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
+        """Full mode on a whole pair: the new factors (new tensors), the moments and step updated in ``state`` (the
+        step's copy), or None when the pair is to be skipped: its gradients are not finite, or its finite gradients
+        still give a non-finite update (e.g. a tiny ``lora_scale``, whose closed form divides by its square)."""
+        gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
+        A_new, B_new = A_w.clone(), B_w.clone()
+        self._decay_and_descend(group, A_new, B_new, gA, gB)
+        return (A_new, B_new) if _all_finite(gA_lora, gB_lora, A_new, B_new) else None
 
     def _full_update(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
         """Full mode's moments of the equivalent gradient and the adjusted factor updates of their Adam direction."""
@@ -531,13 +547,9 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _step_span(self, p, group, span) -> None:
         """Plain AdamW on the fragment of a plain parameter this rank owns (moments sized like the fragment)."""
-        state = self._plain_state(p, span.state_like)
+        state = self._plain_trial(p, span.state_like)
         self._check_span(logical_shape(p), state, span)
-        if not _all_finite(span.grad):
-            state["nonfinite_skips"] += 1
-            return
-        state["step"] += 1
-        _adamw_(span.weight, span.grad, state, int(state["step"]), group)
+        self._step_plain(p, span.weight, span.grad, state, _all_finite(span.grad), group)
 
     def _pairs_process_group(self, locator, pairs):
         groups = {id(locator.process_group(p)): locator.process_group(p) for g in pairs for p in self._params_of(g)}
@@ -547,7 +559,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         return next(iter(groups.values()))
 
     def _finish_real_step(self, locator) -> None:
-        """The last call of a real step: assemble, compute, write back (see the module docstring)."""
+        """The last call of a real step: assemble, compute, write back (see the module docstring).
+
+        All or nothing: every pair's new factors, moments and counters are computed on copies (``_trial``) and
+        stored only once the whole step is computed, so a failure anywhere, also in a collective, leaves every pair
+        as it was. The price: in full mode this rank holds a second copy of its moments until the step is stored."""
         pairs = [g for g in self._all_groups if g["lora_scale"] is not None]
         process_group = self._pairs_process_group(locator, pairs)
         distributed = dist.is_available() and dist.is_initialized()
@@ -582,6 +598,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         # every rank adjusts them (r-sized work). Nothing m x n is communicated either way.
         updates = torch.zeros(sum(sizes), dtype=dtype, device=device)
         update_of, offset, full_pairs, grams_of = {}, 0, [], {}
+        trials, new_fragments, base_decays, owners = {}, {}, [], {}  # what the step stores once it is computed
         row_sharded = isinstance(locator, DTensorShards)
         for p, numel in zip(factors, sizes):
             update_of[p] = updates.narrow(0, offset, numel).view(locator.shape(p))
@@ -589,8 +606,8 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         for index, group in enumerate(pairs):
             A, B = self._params_of(group)
             (A_w, gA_lora), (B_w, gB_lora) = whole[A], whole[B]
-            owner = row_sharded or index % world == rank
-            state = self._sharded_pair_state(A, B, group["mode"], owner, A_w, B_w, locator)
+            owner = owners[id(group)] = row_sharded or index % world == rank
+            state = trials[A] = self._sharded_pair_trial(A, B, group["mode"], owner, A_w, B_w, locator)
             rcond = group["rcond"]
             if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):
                 state["nonfinite_skips"] += 1
@@ -603,7 +620,9 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                     for p, g in ((A, gA), (B, gB)):
                         span = self._pending.get(id(p), (None, None))[0]
                         if span is not None:
-                            self._step_fragment(p, g, span, step, group)
+                            if p not in trials:  # B (A's moments live with the pair's counters)
+                                trials[p] = self._trial(p)
+                            new_fragments[p] = self._fragment_result(p, g, span, step, group, trials[p])
                 continue
             if row_sharded:
                 rows = locator.rows(B)
@@ -622,28 +641,39 @@ class LoRAProAdamW(PartitionAwareOptimizer):
             self._all_reduce_(updates, process_group)
         for group in full_pairs:
             A, B = self._params_of(group)
-            A_w, B_w = whole[A][0], whole[B][0]
+            A_w, B_w = whole[A][0], whole[B][0]  # this step's buffer: written in place
             gA, gB = update_of[A], update_of[B]
             if row_sharded:
                 gA, gB = self._adjusted(group, A_w, B_w, gA, gB, grams_of[id(group)])
             self._decay_and_descend(group, A_w, B_w, gA, gB)
+            if not _all_finite(A_w, B_w):  # e.g. a tiny lora_scale; the same on every rank (the same whole pair)
+                trials[A] = self._sharded_pair_trial(A, B, "full", owners[id(group)], A_w, B_w, locator)
+                trials[A]["nonfinite_skips"] += 1
+                continue
             for p, new in ((A, A_w), (B, B_w)):
                 span = self._pending.get(id(p), (None, None))[0]
                 if span is not None:
-                    span.weight.copy_(new.reshape(-1).narrow(0, span.start, span.numel).view_as(span.weight))
+                    new_fragments[p] = new.reshape(-1).narrow(0, span.start, span.numel).view_as(span.weight)
             base_weight = self._base_weights.get(A)
             if base_weight is not None and group["weight_decay"]:
-                _decay_base_weight_(base_weight, 1 - group["lr"] * group["weight_decay"])
-        # 3. low-precision copies DeepSpeed made after earlier calls
-        for p in factors:
-            if self._pending.get(id(p), (None, None))[0] is not None and self._real_step.earlier_call(p):
+                base_decays.append((base_weight, 1 - group["lr"] * group["weight_decay"]))
+        # 3. the whole step is computed: store it
+        self.state.update(trials)
+        for p, new in new_fragments.items():
+            self._pending[id(p)][0].weight.copy_(new)
+        for base_weight, factor in base_decays:
+            _decay_base_weight_(base_weight, factor)
+        # 4. low-precision copies DeepSpeed made after earlier calls
+        for p in new_fragments:
+            if self._real_step.earlier_call(p):
                 locator.refresh(p)
 
-    def _sharded_pair_state(self, A, B, mode, owner, A_w, B_w, locator):
-        state = self.state[A]
+    def _sharded_pair_trial(self, A, B, mode, owner, A_w, B_w, locator):
+        """A copy of the pair's state for this rank (``_trial``; built fresh at its first step): counters, and in full
+        mode the moments of the pairs (ZeRO) or rows (FSDP2) this rank holds."""
+        state = self._trial(A)
         if not state:
-            state["step"] = _new_step()
-            state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64)
+            state.update(_new_counters())
             if mode == "full" and owner:
                 shape_of_w = A_w.new_zeros(()).expand(B_w.shape[0], A_w.shape[1])
                 if isinstance(locator, DTensorShards):  # the rows of W this rank holds of B
@@ -655,15 +685,15 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                                "data-parallel rank i % world size): was the state saved with another world size?")
         return state
 
-    def _step_fragment(self, p, grad, span, step, group) -> None:
-        """Efficient mode: AdamW on the fragment this rank owns, moments sized like the fragment."""
-        state = self.state[p]
+    def _fragment_result(self, p, grad, span, step, group, state) -> torch.Tensor:
+        """Efficient mode: the fragment this rank owns after AdamW (a new tensor), moments sized like the fragment
+        updated in ``state`` (the step's copy)."""
         if _MOMENTS[0] not in state and _MOMENTS[0] + CODES not in state:
             for name in _MOMENTS:
                 self._init_moment(state, name, span.state_like)
         self._check_span(logical_shape(p), state, span)
-        _adamw_(span.weight, grad.reshape(-1).narrow(0, span.start, span.numel).view_as(span.weight), state, step,
-                group)
+        return _adamw_result(span.weight, grad.reshape(-1).narrow(0, span.start, span.numel).view_as(span.weight),
+                             state, step, group)
 
     @property
     def skipped_steps(self) -> dict[str, int]:

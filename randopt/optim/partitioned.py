@@ -90,21 +90,26 @@ class PartitionAwareOptimizer(Optimizer):
     # ----- one of DeepSpeed's per-group calls ---------------------------------------------------------------
     def _sharded_call(self, locator, visit: Callable[[dict, torch.Tensor], None]) -> None:
         """``visit(group, p)`` for every trainable parameter this call carries; after the call that completes the
-        real step, ``self._finish_real_step(locator)``, and the pending work is cleared whatever happens."""
-        self._real_step.start_call()
-        for group, params in locator.carried(self.param_groups, self._params_of):
-            for p in params:
-                if not p.requires_grad:  # DeepSpeed does not train it; plain training would skip it (no grad)
-                    continue
-                self._real_step.carry(p)
-                visit(group, p)
-        expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
-        if self._real_step.complete(expected):
-            try:
+        real step, ``self._finish_real_step(locator)``. The pending work is cleared once the real step is done, and
+        also when any call fails: the next call then starts a new real step instead of finding this one's parameters
+        carried already."""
+        try:
+            self._real_step.start_call()
+            for group, params in locator.carried(self.param_groups, self._params_of):
+                for p in params:
+                    if not p.requires_grad:  # DeepSpeed does not train it; plain training would skip it (no grad)
+                        continue
+                    self._real_step.carry(p)
+                    visit(group, p)
+            expected = [p for g in self._all_groups for p in self._params_of(g) if p.requires_grad]
+            done = self._real_step.complete(expected)
+            if done:
                 self._finish_real_step(locator)
-            finally:
-                self._pending.clear()
-                self._real_step.reset()
+        except BaseException:
+            self._forget_pending()
+            raise
+        if done:
+            self._forget_pending()
 
     def _finish_real_step(self, locator) -> None:
         raise NotImplementedError

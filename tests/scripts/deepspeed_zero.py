@@ -275,26 +275,34 @@ def run_case(case, batches, out_dir):
 
 
 def factory_training(out_dir) -> dict:
-    """Train 2 steps with ``Trainer(optimizer_cls_and_kwargs=randopt_optimizer(...))`` under
-    ``TrainingArguments(deepspeed=...)`` (ZeRO-2): the optimizer DeepSpeed steps must be ours."""
+    """Train 3 steps with ``Trainer(optimizer_cls_and_kwargs=randopt_optimizer(...))`` under
+    ``TrainingArguments(deepspeed=...)`` (ZeRO-2): the optimizer DeepSpeed steps must be ours. The second step's
+    loss is NaN on every rank: the engine skips that step, and the attached ``RandoptCallback`` logs it."""
     from accelerate.state import AcceleratorState
     from transformers import Trainer, TrainingArguments
 
-    from randopt.integrations.transformers import randopt_optimizer, unwrap_optimizer
+    from randopt.integrations.transformers import RandoptCallback, randopt_optimizer, unwrap_optimizer
 
     AcceleratorState._reset_state(True)
     model = llama(0)
+    forwards = [0]
+
+    def nan_at_second_step(module, inputs, output):
+        forwards[0] += 1
+        return output * float("nan") if forwards[0] == 2 else output
+    model.lm_head.register_forward_hook(nan_at_second_step)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("q_proj.weight")}
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 50, (8, SEQ), generator=torch.Generator()
                                                                           .manual_seed(3))]
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
               "zero_allow_untested_optimizer": True}
-    args = TrainingArguments(output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, report_to=[], max_steps=2,
+    args = TrainingArguments(output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, report_to=[], max_steps=3,
                              per_device_train_batch_size=2, deepspeed=config, save_strategy="no", logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       optimizer_cls_and_kwargs=randopt_optimizer("RandLoRAAdamW", target_modules=LLAMA_TARGETS,
                                                                  rank=3, lr=1e-2))
     randopt_deepspeed.check_trainer_optimizer(trainer)
+    RandoptCallback.attach(trainer, export_adapter=False)
     trainer.train()
     engine = trainer.model_wrapped
     after = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()
@@ -302,7 +310,10 @@ def factory_training(out_dir) -> dict:
     optimizer = unwrap_optimizer(trainer.optimizer)
     return {"optimizer": type(optimizer).__name__, "deepspeed_optimizer": type(engine.basic_optimizer).__name__,
             "steps": int(trainer.state.global_step), "changed": all(not torch.equal(before[n], after[n]) for n in before),
-            "coefficient_all_reduces": optimizer.communicated["all_reduces"] if optimizer is not None else 0}
+            "coefficient_all_reduces": optimizer.communicated["all_reduces"] if optimizer is not None else 0,
+            "engine_skipped_steps": engine.skipped_steps,
+            "logged": [{k: v for k, v in h.items() if k.startswith("randopt/")} for h in trainer.state.log_history
+                       if "loss" in h]}
 
 
 def trainer_checks(out_dir) -> dict:
