@@ -183,6 +183,10 @@ class GroupChecks:
         self._frozen_values[id(group)] = tuple(group.get(k) for k in self.frozen)
 
     def check(self, group: dict) -> None:
+        missing = [key for key in self.keys if key not in group]
+        if missing:
+            raise ValueError(f"parameter group {group.get('name') or ''}: option(s) {missing} were removed; every group "
+                             f"of this optimizer holds {list(self.keys)}")
         accepted = self._accepted.get(id(group))
         current = tuple(group.get(k) for k in self.keys)
         if accepted is not None and all(a is b or (type(a) is type(b) and a == b) for a, b in zip(accepted, current)):
@@ -295,3 +299,32 @@ def check_saved_state(where: str, saved, required: dict, moments: dict, block_si
     unknown = sorted(set(saved) - known)
     if unknown:
         raise ValueError(f"{where}: unexpected entries {unknown}; this optimizer keeps {sorted(known)}")
+    for key, value in saved.items():
+        _check_value(where, key, value)
+
+
+_COUNTERS = ("step", "nonfinite_skips", "span")
+
+
+def _check_value(where: str, key: str, value: torch.Tensor) -> None:
+    """Values no step writes, which would make every later step write NaN: counters (``step``, ``nonfinite_skips``,
+    ``span``) that are negative or not whole numbers, non-finite floating-point entries (moments, coefficients,
+    base weights, 8-bit scales), negative second moments or scales. A DTensor is checked on this rank's shard."""
+    local = value.to_local() if hasattr(value, "to_local") else value
+    if key in _COUNTERS:
+        whole = local.isfinite() & (local == local.floor()) if local.is_floating_point() else torch.ones_like(local, dtype=torch.bool)
+        bad = ~(whole & (local >= 0))
+        expected = "whole numbers >= 0"
+    elif local.is_floating_point():
+        bad = ~local.isfinite()
+        if key.endswith("exp_avg_sq") or key.endswith("_absmax"):
+            bad |= local < 0
+            expected = "finite numbers >= 0"
+        else:
+            expected = "finite numbers"
+    else:
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{where}: {key} holds {local[bad].reshape(-1)[0].item()!r} at {int(bad.sum())} of "
+                         f"{local.numel()} places; expected {expected} (no step writes that; was the state dict edited "
+                         "or saved from a diverged run?)")

@@ -35,7 +35,11 @@ def test_wheel_installs_and_imports_without_the_repository(tmp_path):
         "-w", str(wheels), str(source))
     (wheel,) = wheels.glob("randopt-*.whl")
     run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel))
-    # -S: no site processing, so the editable install's path hook never runs; torch comes from site-packages
-    code = f"import sys; sys.path[:0] = [{str(target)!r}]; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+    # -S: no site processing, so the editable install's path hook never runs; torch comes from site-packages, or from
+    # where this interpreter found it (a virtual environment layered over another one reaches it through a .pth file)
+    import torch
+
+    dependencies = [sysconfig.get_paths()["purelib"], str(Path(torch.__file__).parents[1])]
+    code = f"import sys; sys.path[:0] = [{str(target)!r}]; sys.path.extend({dependencies!r})\n"
     out = run(sys.executable, "-S", "-c", code + CHECK, str(target), str(REPO), cwd=tmp_path)
     assert out.strip()

@@ -121,13 +121,22 @@ def group_layout(sd, data):
     return choice
 
 
+def impossible_value(sd, data):
+    position, key = data.draw(st.sampled_from(entries(sd)))
+    bad = impossible_values(key, sd["state"][position][key])
+    if not bad:
+        return None
+    sd["state"][position][key] = with_first_element(sd["state"][position][key], data.draw(st.sampled_from(bad)))
+    return f"{key} impossible value"
+
+
 def not_a_state_dict(sd, data):
     return data.draw(st.sampled_from([None, {}, {"state": {}}, {"state": [], "param_groups": []}, [1, 2],
                                       {"state": {}, "param_groups": [5]}]))
 
 
 MUTATIONS = [wrong_shape, wrong_dtype, missing_key, unknown_key, not_a_tensor, bad_hyperparameter, math_option,
-             group_layout]
+             group_layout, impossible_value]
 
 
 @settings(max_examples=60, deadline=None)
@@ -202,3 +211,46 @@ def test_lorapro_rank_4_state_does_not_load_into_a_rank_2_model():
         rank2.load_state_dict(rank4.state_dict())
     with pytest.raises(ValueError, match="lora_scale=1.0.*lora_scale=2.0"):
         randopt.LoRAProAdamW(lorapro_groups([(A4, B4, 2.0)])).load_state_dict(rank4.state_dict())
+
+
+# ----- values no step could have written ---------------------------------------------------------------------------
+def impossible_values(key: str, value: torch.Tensor) -> list:
+    """Values of a state entry that no step writes: a counter that is negative or not a whole number, a non-finite
+    moment, coefficient or base weight, a negative second moment or 8-bit scale (codes can hold anything)."""
+    if key in ("step", "nonfinite_skips", "span"):
+        return [-1.0, 2.5, float("nan"), float("inf")] if value.is_floating_point() else [-1]
+    if not value.is_floating_point():
+        return []
+    bad = [float("nan"), float("inf"), -float("inf")]
+    return bad + [-1.0] if key.endswith("exp_avg_sq") or key.endswith("_absmax") else bad
+
+
+def with_first_element(value: torch.Tensor, new) -> torch.Tensor:
+    changed = value.clone()
+    changed.view(-1)[0] = new
+    return changed
+
+
+@pytest.mark.parametrize("maker", sorted(MAKERS))
+def test_state_values_no_step_could_write_are_refused(maker):
+    """A NaN moment, a negative second moment or a step count of -1 loaded as they are would make every later step
+    write NaN into the weights: refused at load, naming the entry, with the optimizer unchanged."""
+    source_model, source, _ = MAKERS[maker]()
+    saved = source.state_dict()
+    model, optimizer, run_backward = MAKERS[maker]()
+    before = snapshot(model, optimizer)
+    tried = 0
+    for position, key in entries(saved):
+        for bad in impossible_values(key, saved["state"][position][key]):
+            mutated = copy.deepcopy(saved)
+            mutated["state"][position][key] = with_first_element(mutated["state"][position][key], bad)
+            with pytest.raises(ValueError, match=key):
+                optimizer.load_state_dict(mutated)
+            tried += 1
+    assert tried
+    assert_same(before, snapshot(model, optimizer))
+    optimizer.load_state_dict(saved)  # the real values load
+    optimizer.zero_grad()
+    run_backward(2)
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -288,6 +288,55 @@ def test_randlora_math_options_cannot_change_mid_training(name, value):
     optimizer.step()
 
 
+@pytest.mark.parametrize("group_index,value", [(0, 4.0), (0, 1e-300), (0, 1e300), (0, None), (1, 2.0)],
+                         ids=["another scale", "square rounds to 0", "square overflows", "pair made plain",
+                              "plain made a pair"])
+def test_lorapro_scale_cannot_change_mid_training(group_index, value):
+    """The scale is the model's (alpha/r), and whether a group is a pair defines its step: an edit is refused before
+    anything moves (a scale of 1e-300 divided by zero inside the step, a plain group given a scale was stepped as a
+    pair, half of it before it failed)."""
+    pair, head = Pair(), torch.nn.Linear(4, 3)
+    model = torch.nn.ModuleDict({"pair": pair, "head": head})
+    optimizer = randopt.LoRAProAdamW(lorapro_groups([(pair.A, pair.B, 2.0)]) + [{"params": list(head.parameters())}])
+
+    def run_backward(seed=0):
+        head(pair(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed)))).square().sum().backward()
+    run_backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    run_backward(1)
+    before = snapshot(model, optimizer)
+    group = optimizer.param_groups[group_index]
+    original = group["lora_scale"]
+    group["lora_scale"] = value
+    with pytest.raises(ValueError, match="lora_scale"):
+        optimizer.step()
+    assert_same(before, snapshot(model, optimizer))
+    group["lora_scale"] = original
+    optimizer.step()
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300, -1e-160])
+def test_lorapro_refuses_a_scale_whose_square_is_not_a_usable_number(scale):
+    with pytest.raises(ValueError, match="lora_scale must be a finite nonzero number whose square"):
+        randopt.LoRAProAdamW(lorapro_groups([(Pair().A, Pair().B, scale)]))
+
+
+@pytest.mark.parametrize("setup", [randlora_setup, lorapro_setup], ids=["RandLoRAAdamW", "LoRAProAdamW"])
+def test_a_group_option_removed_between_steps_is_refused(setup):
+    model, make, run_backward = setup()
+    optimizer = trained(make, model, run_backward)
+    optimizer.zero_grad()
+    run_backward(seed=1)
+    before = snapshot(model, optimizer)
+    lr = optimizer.param_groups[0].pop("lr")
+    with pytest.raises(ValueError, match=r"\['lr'\] were removed"):
+        optimizer.step()
+    assert_same(before, snapshot(model, optimizer))
+    optimizer.param_groups[0]["lr"] = lr
+    optimizer.step()
+
+
 def test_scheduler_changes_pass_and_are_checked_once():
     model = TwoLayer()
     optimizer = randlora(model, lr=1e-2)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections import defaultdict
 from typing import NamedTuple
@@ -242,7 +243,10 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         self.decay_base_weight = options["decay_base_weight"]
         self._model = params if isinstance(params, nn.Module) else None
         params = model_groups(params) if self._model is not None else check_params(params)
-        self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS)
+        self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS, frozen=("lora_scale",),
+                                         why_frozen="it is the pair's scale in the model (PEFT's alpha/r), which the "
+                                         "factors' gradients were taken at; whether a group is a pair cannot change "
+                                         "either: build a new optimizer")
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
         self._adjustment = [torch.zeros(()), torch.zeros(())]  # squared distance raw -> adjusted, squared raw norm
         super().__init__(params, defaults)
@@ -266,9 +270,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         choice("mode", group["mode"], MODES)
         check_x_mode(group["x_mode"])
         scale = group["lora_scale"]
+        # the closed form divides by the square: it must be a normal float (|s| within about 1e+-154)
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                                  or not math.isfinite(scale) or scale == 0):
-            raise ValueError(f"{group['name'] or 'pair'}: lora_scale must be a finite nonzero number, got {scale!r}")
+                                  or not sys.float_info.min <= float(scale) * float(scale) < math.inf):
+            raise ValueError(f"{group['name'] or 'pair'}: lora_scale must be a finite nonzero number whose square is "
+                             f"finite and nonzero (|s| between about 1e-154 and 1e154), got {scale!r}")
         if group["mode"] == "full" and group["lr"] * group["weight_decay"] > 1:
             raise ValueError(f"lr * weight_decay must be <= 1 in full mode (W decays by sqrt(1 - lr*wd)), "
                              f"got {group['lr']} * {group['weight_decay']}")
