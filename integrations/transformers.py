@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from pathlib import PurePath
 
 import torch
 from transformers import TrainerCallback
@@ -143,7 +144,12 @@ class RandoptCallback(TrainerCallback):
     callback given as ``Trainer(callbacks=[...])`` cannot, and says so."""
 
     def __init__(self, export_adapter: bool = True, adapter_subdir: str = "randopt_adapter"):
-        self.export_adapter = export_adapter
+        self.export_adapter = validation.flag("export_adapter", export_adapter)
+        parts = PurePath(adapter_subdir).parts if isinstance(adapter_subdir, str) else ()
+        if not parts or PurePath(adapter_subdir).is_absolute() or any(part in (".", "..") for part in parts):
+            # the export replaces that directory: it must be a new one inside each checkpoint, not the checkpoint
+            raise ValueError("adapter_subdir must name a directory inside each checkpoint (relative, without '.' or "
+                             f"'..' parts), e.g. 'randopt_adapter', got {adapter_subdir!r}")
         self.adapter_subdir = adapter_subdir
         self._trainer = None
 

@@ -1,5 +1,6 @@
 """What a step promises: all or nothing (a failure anywhere inside leaves weight, coefficients and moments as they
 were), no NaN/inf ever written (skipped and counted instead), and fused backward accumulating like unfused."""
+import copy
 import types
 from typing import NamedTuple
 
@@ -183,6 +184,40 @@ class _FragmentMapping:
         return self.flat.narrow(0, self._hp.start, self._hp.numel).view_as(self.param)
 
 
+def zero_partitions(optimizer) -> dict:
+    """DeepSpeed ZeRO 1/2 on one rank, as the optimizer sees it: each group's parameters replaced by one flat fp32
+    partition holding them all, each original parameter given an ``_hp_mapping`` into it. Returns each parameter's
+    master weight (a view into its partition)."""
+    masters = {}
+    for group in optimizer.param_groups:
+        originals = list(group["params"])
+        flat = torch.cat([q.detach().reshape(-1) for q in originals])
+        offset = 0
+        for q in originals:
+            q._hp_mapping = _FragmentMapping(flat, offset, q)
+            masters[q] = q._hp_mapping.master()
+            offset += q.numel()
+        group["params"] = [flat]
+    return masters
+
+
+def zero_gradients(optimizer) -> None:
+    """Each partition's gradient from its parameters' ``.grad`` (DeepSpeed's reduced, flattened gradients)."""
+    for group in optimizer.param_groups:
+        group["params"][0].grad = torch.cat([q.grad.reshape(-1) for q in optimizer._params_of(group)])
+
+
+def zero_step(optimizer) -> None:
+    """One real step as DeepSpeed ZeRO 1/2 makes it: one ``step()`` call per group, showing only that group."""
+    groups = optimizer.param_groups
+    try:
+        for group in list(groups):
+            optimizer.param_groups = [group]
+            optimizer.step()
+    finally:
+        optimizer.param_groups = groups
+
+
 class LoRAProRun:
     """Two LoRA pairs and a plain group (a matrix and a vector) between them, in one of three storages: ``whole``
     tensors, ``zero`` (DeepSpeed ZeRO 1/2's flat fp32 partitions, one ``step()`` call per group, as DeepSpeed makes
@@ -209,17 +244,8 @@ class LoRAProRun:
         self.units = {"pair0": ["A0", "B0"], "plain W": ["W"], "plain b": ["b"], "pair1": ["A1", "B1"]}
         self.masters = {name: param for name, param in p.items()}
         if storage == "zero":
-            self.flats = []
-            for group in self.optimizer.param_groups:
-                originals = list(group["params"])
-                flat = torch.cat([q.detach().reshape(-1) for q in originals])
-                offset = 0
-                for q in originals:
-                    q._hp_mapping = _FragmentMapping(flat, offset, q)
-                    offset += q.numel()
-                group["params"] = [flat]
-                self.flats.append((flat, originals))
-            self.masters = {name: param._hp_mapping.master() for name, param in p.items()}
+            masters = zero_partitions(self.optimizer)
+            self.masters = {name: masters[param] for name, param in p.items()}
 
     def set_gradients(self, seed):
         generator = torch.Generator().manual_seed(100 + seed)
@@ -229,20 +255,13 @@ class LoRAProRun:
         for name, param in self.params.items():
             param.grad = grads[name]
         if self.storage == "zero":
-            for flat, originals in self.flats:
-                flat.grad = torch.cat([q.grad.reshape(-1) for q in originals])
+            zero_gradients(self.optimizer)
 
     def step(self):
-        if self.storage != "zero":
+        if self.storage == "zero":
+            zero_step(self.optimizer)
+        else:
             self.optimizer.step()
-            return
-        groups = self.optimizer.param_groups
-        try:
-            for group in list(groups):  # DeepSpeed's per-group calls
-                self.optimizer.param_groups = [group]
-                self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = groups
 
     def unit(self, name) -> dict:
         """Copies of the unit's master weights and of every state tensor (local shards of DTensors)."""
@@ -314,6 +333,39 @@ def test_a_failure_inside_a_lorapro_step_leaves_every_pair_and_parameter_as_it_w
                     assert all(torch.isfinite(run.unit(name)[p]).all() for name in run.units
                                for p in run.units[name])
     assert failures  # the injections reached the step
+
+
+@pytest.mark.parametrize("optimizer_name", ["RandLoRAAdamW", "LoRAProAdamW"])
+def test_a_bad_option_on_a_group_deepspeed_steps_in_a_later_call_changes_nothing(optimizer_name):
+    """DeepSpeed ZeRO shows the optimizer one group per ``step()`` call: a bad learning rate on the last group is
+    refused at the first call of the real step, before the plain parameters of the first group move."""
+    if optimizer_name == "LoRAProAdamW":
+        run = LoRAProRun("zero", "full", "fp32")
+        optimizer, masters, set_gradients = run.optimizer, run.masters.values(), run.set_gradients
+    else:
+        model = TwoLayer()
+        optimizer = randopt.RandLoRAAdamW([{"params": [model.q.weight, model.q.bias]},
+                                           {"params": [model.v.weight, model.v.bias]}], rank=2)
+        masters = zero_partitions(optimizer).values()
+
+        def set_gradients(seed):
+            optimizer.zero_grad()
+            backward(model, seed)
+            zero_gradients(optimizer)
+    set_gradients(0)
+    zero_step(optimizer)
+    set_gradients(1)
+    before = [m.clone() for m in masters], copy.deepcopy(optimizer.state_dict()["state"])
+    optimizer.param_groups[-1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr"):
+        zero_step(optimizer)
+    assert all(torch.equal(a, m) for a, m in zip(before[0], masters))
+    after = optimizer.state_dict()["state"]
+    assert before[1].keys() == after.keys() and all(
+        torch.equal(value, after[i][k]) for i, s in before[1].items() for k, value in s.items())
+    optimizer.param_groups[-1]["lr"] = 1e-3
+    zero_step(optimizer)
+    assert not all(torch.equal(a, m) for a, m in zip(before[0], masters))
 
 
 @pytest.mark.parametrize("storage", ["whole", "zero", "fsdp2"])

@@ -139,3 +139,14 @@ def test_callback_warns_about_a_learning_rate_nobody_chose(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert any("default learning rate" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("arguments", [{"export_adapter": "no"}, {"export_adapter": 1}, {"adapter_subdir": ""},
+                                       {"adapter_subdir": "."}, {"adapter_subdir": "../elsewhere"},
+                                       {"adapter_subdir": "/tmp/adapter"}, {"adapter_subdir": "a/../../b"},
+                                       {"adapter_subdir": None}])
+def test_callback_arguments_are_checked_when_it_is_made(arguments):
+    """Not at the first save, mid-training: an empty or '.' subdirectory would export over the checkpoint itself,
+    '..' or an absolute path outside it; a string flag would export although it says 'no'."""
+    with pytest.raises(ValueError, match=next(iter(arguments))):
+        RandoptCallback(**arguments)

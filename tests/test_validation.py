@@ -288,13 +288,12 @@ def test_randlora_math_options_cannot_change_mid_training(name, value):
     optimizer.step()
 
 
-@pytest.mark.parametrize("group_index,value", [(0, 4.0), (0, 1e-300), (0, 1e300), (0, None), (1, 2.0)],
-                         ids=["another scale", "square rounds to 0", "square overflows", "pair made plain",
-                              "plain made a pair"])
-def test_lorapro_scale_cannot_change_mid_training(group_index, value):
-    """The scale is the model's (alpha/r), and whether a group is a pair defines its step: an edit is refused before
-    anything moves (a scale of 1e-300 divided by zero inside the step, a plain group given a scale was stepped as a
-    pair, half of it before it failed)."""
+@pytest.mark.parametrize("group_index,value", [(0, 1e-300), (0, 1e300), (0, None), (1, 2.0)],
+                         ids=["square rounds to 0", "square overflows", "pair made plain", "plain made a pair"])
+def test_lorapro_scale_edits_that_break_the_step_are_refused(group_index, value):
+    """Whether a group is a pair defines its step, and the closed form divides by the scale's square: such an edit
+    is refused before anything moves (a scale of 1e-300 divided by zero inside the step, a plain group given a scale
+    was stepped as a pair, half of it before it failed). A new valid scale is In-Squeeze's business: accepted."""
     pair, head = Pair(), torch.nn.Linear(4, 3)
     model = torch.nn.ModuleDict({"pair": pair, "head": head})
     optimizer = randopt.LoRAProAdamW(lorapro_groups([(pair.A, pair.B, 2.0)]) + [{"params": list(head.parameters())}])
@@ -313,6 +312,8 @@ def test_lorapro_scale_cannot_change_mid_training(group_index, value):
         optimizer.step()
     assert_same(before, snapshot(model, optimizer))
     group["lora_scale"] = original
+    optimizer.step()
+    optimizer.param_groups[0]["lora_scale"] = 4.0
     optimizer.step()
 
 

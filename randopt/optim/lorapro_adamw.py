@@ -243,10 +243,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         self.decay_base_weight = options["decay_base_weight"]
         self._model = params if isinstance(params, nn.Module) else None
         params = model_groups(params) if self._model is not None else check_params(params)
-        self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS, frozen=("lora_scale",),
-                                         why_frozen="it is the pair's scale in the model (PEFT's alpha/r), which the "
-                                         "factors' gradients were taken at; whether a group is a pair cannot change "
-                                         "either: build a new optimizer")
+        self._group_checks = GroupChecks(self._check_options, GROUP_OPTIONS)
         self._base_weights: dict[torch.Tensor, torch.Tensor | None] = {}
         self._adjustment = [torch.zeros(()), torch.zeros(())]  # squared distance raw -> adjusted, squared raw norm
         super().__init__(params, defaults)
@@ -339,6 +336,15 @@ class LoRAProAdamW(PartitionAwareOptimizer):
                              "take a written update; in bf16/fp16 1 - lr*wd rounds to 1); keep decay_base_weight=False")
         return base_weight
 
+    def _check_kind(self, group: dict) -> None:
+        """A pair group stays a pair and a plain group plain (a new ``lora_scale`` value is fine: In-Squeeze sets one)."""
+        params = self._params_of(group)
+        was_pair = bool(params) and params[0] in self._base_weights
+        if was_pair != (group["lora_scale"] is not None):
+            raise ValueError(f"{group['name'] or 'a parameter group'}: lora_scale was set to {group['lora_scale']!r}, "
+                             f"but the group was {'a LoRA pair' if was_pair else 'plain'} when it was added; whether a "
+                             "group is a pair cannot change: build a new optimizer")
+
     def _check_state(self, group: dict) -> None:
         if group["lora_scale"] is None:
             return
@@ -354,10 +360,13 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # validate everything first so a bad setting changes nothing
-        for group in self.param_groups:
+        # validate everything first so a bad setting changes nothing: every group's options, also those of the groups
+        # DeepSpeed steps in its other calls of this real step (it shows one group per call)
+        for group in self._all_groups:
             self._group_checks.check(group)
+            self._check_kind(group)
             self._check_state(group)
+        for group in self.param_groups:
             for p in group["params"]:
                 check_dense_gradient(p)
         locator = self._update_locator()

@@ -453,10 +453,10 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
     def _check_before_step(self) -> None:
         """Everything a step relies on that may have changed since construction, checked before anything moves:
         group options (a scheduler or a user may have set them; re-checked only when changed), the matrices'
-        memory layout and dense gradients."""
-        for group in self.param_groups:
-            self._group_checks.check(group)
+        memory layout and dense gradients. Every group's options, also those of the groups DeepSpeed steps in its
+        other calls of this real step (it shows one group per call)."""
         for group in self._all_groups:
+            self._group_checks.check(group)
             for p in self._params_of(group):
                 check_dense_gradient(p)
                 if self._is_matrix(p, group):
