@@ -1,32 +1,43 @@
 """Mutation testing of ``randopt/`` and ``integrations/``, on demand (not in CI).
 
-    python -m benchmarks.mutation                                 # every module, every mutant (hours)
-    python -m benchmarks.mutation --modules randopt/optim/state.py integrations/transformers.py --workers 2
-    python -m benchmarks.mutation --sample 40                     # at most 40 random mutants per module
+    python -m benchmarks.mutation --sample 450                    # a stratified random sample (about an hour)
+    python -m benchmarks.mutation --modules randopt/optim/state.py  # every mutant of some modules
+    python -m benchmarks.mutation --rerun-survivors                # after adding tests that should kill them
+    python -m benchmarks.mutation --report                         # rewrite mutation.md from the cache
 
 Each mutant is one small deliberate bug (a comparison, arithmetic or boolean operator swapped, a constant
 changed, a ``not`` dropped, a call statement or a returned value removed) in a scratch copy of the checkout,
-where ``randopt.integrations`` sits inside ``randopt`` so the mutated copy is what imports. The module's tests
-(``TESTS`` below; the fast suite for modules not listed) run on it with ``pytest -x``: the mutant is killed when
-they fail (or exceed the time limit), survives when they pass. Results are cached per mutant in
-``benchmarks/results/mutation.json``, keyed by module, line text and mutation: runs resume and add up, and the
-results of unchanged lines carry over to a new version of a module (a change elsewhere can still matter:
-``--fresh`` forgets the cache). ``benchmarks/results/mutation.md`` is rewritten from the cache each time:
-the score per module, and every survivor with the reason it is equivalent (``EQUIVALENT``) or marked as a gap.
+where ``randopt.integrations`` sits inside ``randopt`` so the mutated copy is what imports.
 
-Own AST mutator rather than mutmut/cosmic-ray: neither is installed here, and both run the whole suite (or need
-coverage contexts) per mutant, too slow on a shared 2-core machine; a per-module test map keeps one mutant to
-seconds.
+Which tests run on a mutant comes from coverage: the fast suite (``-m "not slow and not distributed"``) runs once
+with a line tracer that records, per test, the lines of ``randopt/`` and ``integrations/`` it executes (cached in
+``.cache/mutation_coverage.json`` per test file, keyed by the hashes of the sources, ``conftest.py`` and that test
+file, so only a changed test file is traced again). A mutant runs the tests that execute its line (the tests that
+killed other mutants of the module first, then the fastest), with ``pytest -x``: it is killed when they fail (or
+run past the time limit), survives when they pass, and is ``uncovered`` when no fast test executes its line
+(counted as not killed, without running). A line executed only at import (a module constant) runs every test that
+executes the module. Tests run in a child forked from a process that has already imported torch, transformers and
+peft, so a mutant costs its tests, not the imports.
+
+Results are cached per mutant in ``benchmarks/results/mutation.json``, keyed by module, line text and mutation:
+runs resume and add up, and the results of unchanged lines carry over to a new version of a module (``--fresh``
+forgets them). ``benchmarks/results/mutation.md`` is rewritten from the cache: the score with its confidence
+interval, per module, and every survivor with the reason it is equivalent (``EQUIVALENT``) or marked as a gap.
+
+Own AST mutator and tracer rather than mutmut/cosmic-ray/coverage.py: none is installed here.
 """
 from __future__ import annotations
 
 import argparse
 import ast
-import concurrent.futures
+import collections
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,48 +46,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CACHE, REPORT = RESULTS / "mutation.json", RESULTS / "mutation.md"
+COVERAGE = REPO / ".cache" / "mutation_coverage.json"
 SOURCES = ("randopt", "integrations")
-FAST_SUITE = ["tests"]  # with -m "not slow and not distributed"
-# module -> the test files that exercise it (fastest first: pytest -x stops at the first failure)
-_KILLS = "tests/test_mutation_kills.py::"
-_SQUEEZE_WRITES = [f"tests/test_squeeze.py::{name}" for name in (
-    "test_failed_write_leaves_no_output", "test_failed_write_keeps_previous_output",
-    "test_failed_rename_restores_previous_output", "test_squeeze_in_place",
-    "test_refuses_to_replace_a_directory_that_is_not_an_adapter", "test_cli_end_to_end", "test_cli_errors")]
-TESTS = {
-    "randopt/_atomic.py": [*_SQUEEZE_WRITES, "tests/test_peft_interop.py::test_export_is_atomic",
-                           "tests/test_atomic_writes.py"],
-    "randopt/cli.py": [*_SQUEEZE_WRITES, "tests/test_squeeze.py"],
-    "randopt/optim/state.py": [_KILLS + "test_a_moment_of_exactly_min_8bit_size_elements_is_8bit",
-                               _KILLS + "test_8bit_moments_have_one_scale_per_256_elements_and_the_default_threshold_is_4096",
-                               _KILLS + "test_lorapro_stores_moments_as_asked",
-                               _KILLS + "test_second_moments_use_the_finer_unsigned_map",
-                               _KILLS + "test_dtensor_moments_follow_the_shards_and_only_8bit_is_refused",
-                               "tests/test_state_8bit.py"],
-    "randopt/optim/precision.py": ["tests/test_weight_update.py", "tests/test_randlora_adamw.py"],
-    "randopt/optim/functional.py": ["tests/test_randlora_adamw.py", "tests/test_lorapro.py"],
-    "randopt/optim/groups.py": ["tests/test_randlora_adamw.py"],
-    "randopt/optim/randlora_adamw.py": ["tests/test_mutation_kills.py", "tests/test_randlora_adamw.py",
-                                        "tests/test_weight_update.py", "tests/test_state_8bit.py"],
-    "randopt/optim/lorapro_adamw.py": ["tests/test_lorapro.py", "tests/test_state_8bit.py"],
-    "randopt/lorasqueeze/adapters.py": ["tests/test_squeeze.py", "tests/test_atomic_writes.py"],
-    "randopt/lorasqueeze/functional.py": ["tests/test_squeeze.py"],
-    "randopt/lorasqueeze/export.py": ["tests/test_squeeze.py", "tests/test_peft_interop.py"],
-    "randopt/lorasqueeze/training.py": ["tests/test_squeeze_training.py"],
-    "randopt/randlora/functional.py": ["tests/test_randlora_core.py"],
-    "randopt/randlora/bases.py": ["tests/test_randlora_core.py", "tests/test_peft_interop.py"],
-    "randopt/randlora/layer.py": ["tests/test_randlora_core.py", "tests/test_peft_parity.py"],
-    "randopt/randlora/autograd.py": ["tests/test_randlora_core.py"],
-    "integrations/transformers.py": [_KILLS + "test_callback_warns_only_when_the_learning_rates_differ",
-                                     _KILLS + "test_callback_exports_the_adapter_into_each_checkpoint",
-                                     _KILLS + "test_callback_without_export_writes_no_adapter",
-                                     "tests/test_trainer.py"],
-    "integrations/peft.py": ["tests/test_peft_interop.py", "tests/test_peft_parity.py"],
-    "integrations/squeeze_trainer.py": ["tests/test_squeeze_training.py"],
-}
+FAST = "not slow and not distributed"
+IMPORT_CONTEXT = "<import>"  # lines executed while modules import (collection), outside any test
+# third-party packages the tests import, loaded once before forking (never randopt: the child imports the mutant)
+PRELOAD = ("torch", "numpy", "pytest", "hypothesis", "safetensors", "transformers", "peft", "accelerate",
+           "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2", "transformers.trainer",
+           "peft.tuners.lora", "peft.tuners.randlora")
 # (module, original line stripped, mutation) -> why no test can tell the mutant from the original
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/optim/state.py", "return state_dtype", "return None"):
@@ -92,6 +74,8 @@ class Mutant:
     mutation: str
     source_line: str
     occurrence: int  # among the module's mutants with the same source line and mutation
+    lines: tuple[int, ...] = ()  # the mutated node's lines: a test that executes one of them runs the mutant
+    statement: tuple[int, ...] = ()  # the enclosing statement's own lines, when none of ``lines`` is traced
 
     @property
     def key(self) -> str:
@@ -155,7 +139,7 @@ def _points(tree: ast.AST) -> list[tuple[ast.AST, str, object]]:
 
 class _Apply(ast.NodeTransformer):
     def __init__(self, target: int, how):
-        self.target, self.how, self.seen = target, how, 0
+        self.target, self.how = target, how
 
     def visit(self, node):
         if getattr(node, "_mutation_index", None) == self.target:
@@ -181,15 +165,39 @@ class _Apply(ast.NodeTransformer):
         return node
 
 
+def _statement_lines(tree: ast.AST) -> dict[int, tuple[int, ...]]:
+    """id(node) -> the lines of the innermost statement holding it, without the bodies of a compound statement."""
+    owner: dict[int, tuple[int, ...]] = {}
+
+    def own_lines(statement: ast.stmt) -> tuple[int, ...]:
+        bodies = [child for field in ("body", "orelse", "finalbody", "handlers") for child in
+                  getattr(statement, field, None) or [] if isinstance(child, ast.AST)]
+        end = min([b.lineno - 1 for b in bodies if b.lineno > statement.lineno] + [statement.end_lineno])
+        return tuple(range(statement.lineno, max(end, statement.lineno) + 1))
+
+    def visit(node: ast.AST, lines: tuple[int, ...]) -> None:
+        if isinstance(node, ast.stmt):
+            lines = own_lines(node)
+        owner[id(node)] = lines
+        for child in ast.iter_child_nodes(node):
+            visit(child, lines)
+
+    visit(tree, ())
+    return owner
+
+
 def mutants_of(module: str) -> list[Mutant]:
     source = (REPO / module).read_text()
     lines = source.splitlines()
+    tree = ast.parse(source)
+    statements = _statement_lines(tree)
     seen: dict[tuple[str, str], int] = {}
     mutants = []
-    for i, (node, description, _) in enumerate(_points(ast.parse(source))):
+    for i, (node, description, _) in enumerate(_points(tree)):
         text = lines[node.lineno - 1].strip()
         occurrence = seen[text, description] = seen.get((text, description), -1) + 1
-        mutants.append(Mutant(module, i, node.lineno, description, text, occurrence))
+        span = tuple(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+        mutants.append(Mutant(module, i, node.lineno, description, text, occurrence, span, statements[id(node)]))
     return mutants
 
 
@@ -204,15 +212,21 @@ def mutated_source(mutant: Mutant) -> str:
     return ast.unparse(ast.fix_missing_locations(_Apply(mutant.index, how).visit(tree)))
 
 
-# ----- running them ---------------------------------------------------------------------------------------------
+def all_modules() -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for d in SOURCES for p in (REPO / d).rglob("*.py"))
+
+
+# ----- a scratch checkout and forked pytest runs ------------------------------------------------------------------
 def _scratch_copy() -> Path:
-    """The checkout's sources and tests, with ``integrations`` inside ``randopt`` (as installed)."""
+    """The checkout's tracked files, with ``integrations`` also inside ``randopt`` (as installed)."""
     root = Path(tempfile.mkdtemp(prefix="randopt-mutation-"))
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "randopt", root / "randopt", ignore=ignore)
-    shutil.copytree(REPO / "integrations", root / "randopt" / "integrations", ignore=ignore)
-    shutil.copytree(REPO / "tests", root / "tests", ignore=ignore)
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / "integrations", root / "randopt" / "integrations",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return root
 
 
@@ -221,159 +235,371 @@ def _installed_path(root: Path, module: str) -> Path:
         root / "randopt" / module
 
 
-def _pytest(root: Path, tests: list[str], timeout: float) -> tuple[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m",
-               "not slow and not distributed", *tests]
+def _preload() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    import torch
+
+    torch.set_num_threads(1)
+    assert "randopt" not in sys.modules, "the parent must not import randopt: each child imports its mutant"
+
+
+def _forked_pytest(root: Path, args: list[str], timeout: float, plugins=()) -> tuple[int | None, float]:
+    """pytest.main(args) in a child forked from this process, inside ``root``: (exit code or None on timeout,
+    seconds). The child and whatever it starts are killed as a group at the time limit."""
     start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 99
+        try:
+            os.setpgid(0, 0)
+            log = os.open(root / ".pytest.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.chdir(root)
+            sys.path[:] = [str(root)] + [p for p in sys.path if p not in ("", str(REPO))]
+            for name in [n for n in sys.modules if n == "benchmarks" or n.startswith("benchmarks.")]:
+                del sys.modules[name]  # the tests that import benchmarks get the scratch copy's
+            os.environ.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+            sys.dont_write_bytecode = True
+            code = int(pytest.main(["-q", "-p", "no:cacheprovider", "-m", FAST, *args], plugins=list(plugins)))
+        except BaseException:  # noqa: BLE001 - the child reports through its exit code only
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = start + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.perf_counter() > deadline:
+            code = None
+            break
+        time.sleep(0.05)
+    try:  # the child's group: its own subprocesses, and the child itself on a timeout
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if code is None:
+        os.waitpid(pid, 0)
+    return code, time.perf_counter() - start
+
+
+# ----- coverage: which tests execute which lines ----------------------------------------------------------------
+class _LineTracer:
+    """A pytest plugin recording, per test, the lines of the given files that run (``sys.settrace``: the only
+    tracer available here); lines run outside any test (imports during collection) go to ``IMPORT_CONTEXT``."""
+
+    def __init__(self, files: dict[str, str], out: Path):
+        self.files, self.out = files, out
+        self.hits: dict[str, dict[str, set[int]]] = {}
+        self.seconds: dict[str, float] = {}
+        self.failed: set[str] = set()
+        self._switch(IMPORT_CONTEXT)
+
+    def pytest_configure(self, config):  # in the forked child, before the test modules import
+        sys.settrace(self._call)
+        threading.settrace(self._call)
+
+    def _switch(self, context: str) -> None:
+        self._current = self.hits.setdefault(context, {})
+
+    def _call(self, frame, event, arg):
+        module = self.files.get(frame.f_code.co_filename)
+        if module is None:
+            return None
+        self._current.setdefault(module, set()).add(frame.f_lineno)
+        return self._line
+
+    def _line(self, frame, event, arg):
+        if event == "line":
+            self._current.setdefault(self.files[frame.f_code.co_filename], set()).add(frame.f_lineno)
+        return self._line
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item, nextitem):
+        self._switch(item.nodeid)
+        start = time.perf_counter()
+        yield
+        self.seconds[item.nodeid] = time.perf_counter() - start
+        self._switch(IMPORT_CONTEXT)
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self.failed.add(report.nodeid)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        sys.settrace(None)
+        threading.settrace(None)
+        hits = {context: {module: sorted(lines) for module, lines in modules.items()}
+                for context, modules in self.hits.items()}
+        self.out.write_text(json.dumps({"seconds": self.seconds, "failed": sorted(self.failed), "hits": hits}))
+
+
+def _digest(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _test_files() -> list[Path]:
+    return sorted((REPO / "tests").glob("test_*.py"))
+
+
+class CoverageMap:
+    """line -> tests that execute it, per module, from the cached per-test-file traces."""
+
+    def __init__(self, traces: dict[str, dict]):
+        self.lines: dict[str, dict[int, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
+        self.import_lines: dict[str, set[int]] = collections.defaultdict(set)
+        self.seconds: dict[str, float] = {}
+        self.failed: list[str] = []
+        for trace in traces.values():
+            self.failed += trace["failed"]
+            for context, modules in trace["hits"].items():
+                if context != IMPORT_CONTEXT and context in trace["failed"]:
+                    continue
+                for module, lines in modules.items():
+                    if context == IMPORT_CONTEXT:
+                        self.import_lines[module].update(lines)
+                    else:
+                        for line in lines:
+                            self.lines[module][line].add(context)
+            self.seconds.update({t: s for t, s in trace["seconds"].items() if t not in trace["failed"]})
+
+    def tests_for(self, mutant: Mutant) -> tuple[list[str], str]:
+        """(the tests that execute the mutant, how they were chosen: "line", "import" or "uncovered")."""
+        executed = self.lines.get(mutant.module, {})
+        for span in (mutant.lines, mutant.statement):
+            tests = set().union(*(executed.get(line, ()) for line in span))
+            if tests:
+                return sorted(tests), "line"
+        if self.import_lines.get(mutant.module, set()) & set(mutant.lines + mutant.statement):
+            return sorted(set().union(*executed.values())), "import"
+        return [], "uncovered"
+
+
+def coverage_map(timeout: float = 3600) -> CoverageMap:
+    """Traces the test files whose key changed (sources, conftest.py or the file itself), reuses the rest."""
+    cached = json.loads(COVERAGE.read_text()) if COVERAGE.exists() else {}
+    shared = [*(REPO / m for m in all_modules()), REPO / "tests" / "conftest.py"]
+    traces, root = {}, None
     try:
-        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout", time.perf_counter() - start
-    outcome = {0: "survived", 1: "killed"}.get(result.returncode, f"error {result.returncode}")
-    if outcome.startswith("error") and result.returncode in (2, 3):  # a mutant that breaks import/collection
-        outcome = "killed"
-    return outcome, time.perf_counter() - start
+        for test_file in _test_files():
+            name, key = str(test_file.relative_to(REPO)), _digest(*shared, test_file)
+            if cached.get(name, {}).get("key") == key:
+                traces[name] = cached[name]
+                continue
+            if root is None:
+                _preload()
+                root = _scratch_copy()
+            files = {str(_installed_path(root, m)): m for m in all_modules()}
+            out = root / ".trace.json"
+            out.unlink(missing_ok=True)
+            code, seconds = _forked_pytest(root, ["-p", "no:randomly", name], timeout, [_LineTracer(files, out)])
+            trace = json.loads(out.read_text()) if out.exists() else {"seconds": {}, "failed": [], "hits": {}}
+            print(f"traced {name}: exit {code}, {len(trace['seconds'])} tests, {len(trace['failed'])} failed, "
+                  f"{seconds:.0f}s", flush=True)
+            traces[name] = {"key": key, **trace}
+            COVERAGE.parent.mkdir(parents=True, exist_ok=True)
+            COVERAGE.write_text(json.dumps(traces | {n: t for n, t in cached.items() if n not in traces}))
+    finally:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+    return CoverageMap(traces)
 
 
-def _run_mutants(mutants: list[Mutant], timeout: float, record) -> None:
+# ----- running mutants ------------------------------------------------------------------------------------------
+def stratified_sample(modules: list[str], total: int, seed: int, minimum: int = 5) -> list[Mutant]:
+    """About ``total`` mutants, each module's share proportional to its mutants and at least ``minimum`` (or all it
+    has), drawn with ``seed``; shuffled, so a run stopped early is still spread over the modules."""
+    everything = {module: mutants_of(module) for module in modules}
+    count = sum(len(m) for m in everything.values())
+    chosen = []
+    for module, mutants in everything.items():
+        size = min(len(mutants), max(minimum, round(total * len(mutants) / count)))
+        chosen += random.Random(f"{seed}:{module}").sample(mutants, size)
+    random.Random(seed).shuffle(chosen)
+    return chosen
+
+
+def _ordered(tests: list[str], seconds: dict[str, float], killers: collections.Counter) -> list[str]:
+    """The tests that killed most mutants of this module first, then the fastest: ``-x`` stops at the first kill."""
+    return sorted(tests, key=lambda t: (-killers[t], seconds.get(t, 1e9), t))
+
+
+def _outcome(code: int | None) -> str:
+    if code is None:
+        return "timeout"
+    if code in (1, 2):  # tests failed, or the mutant broke collection (an import error)
+        return "killed"
+    return "survived" if code == 0 else f"error {code}"
+
+
+def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
+    results = cache.setdefault("results", {})
+    if rerun_survivors:
+        todo = [m for m in mutants if results.get(m.key, {}).get("outcome") in ("survived", "uncovered")]
+    else:
+        todo = [m for m in mutants if m.key not in results]
+    coverage = coverage_map()
+    if coverage.failed:
+        print(f"{len(coverage.failed)} test(s) fail unmutated and are never selected: {coverage.failed}", flush=True)
+    print(f"{len(todo)} mutants to run", flush=True)
+    _preload()
     root = _scratch_copy()
+    killers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     try:
-        for mutant in mutants:
-            path = _installed_path(root, mutant.module)
-            original = path.read_text()
-            path.write_text(mutated_source(mutant))
-            try:
-                outcome, seconds = _pytest(root, TESTS.get(mutant.module, FAST_SUITE), timeout)
-            finally:
-                path.write_text(original)
-            record(mutant, outcome, seconds)
+        for n, mutant in enumerate(todo, 1):
+            tests, selection = coverage.tests_for(mutant)
+            tests = _ordered(tests, coverage.seconds, killers[mutant.module])
+            expected = sum(coverage.seconds.get(t, 10) for t in tests)
+            if not tests:
+                outcome, seconds, killer = "uncovered", 0.0, None
+            else:
+                path = _installed_path(root, mutant.module)
+                original = path.read_text()
+                path.write_text(mutated_source(mutant))
+                try:
+                    code, seconds = _forked_pytest(root, ["-x", "-rf", *tests], 120 + 3 * expected)
+                finally:
+                    path.write_text(original)
+                outcome = _outcome(code)
+                killer = _first_failure(root / ".pytest.log") if outcome == "killed" else None
+                if killer:
+                    killers[mutant.module][killer] += 1
+            previous = results.get(mutant.key, {})
+            results[mutant.key] = {**asdict(mutant), "outcome": outcome, "seconds": round(seconds, 1),
+                                   "selection": selection, "tests": len(tests), "killer": killer,
+                                   "previous": previous.get("outcome"),
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            print(f"[{n}/{len(todo)}] {outcome:9s} {seconds:6.1f}s {len(tests):4d} tests  "
+                  f"{mutant.module}:{mutant.line} {mutant.mutation}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _load_cache() -> dict:
-    return json.loads(CACHE.read_text()) if CACHE.exists() else {}
-
-
-def all_modules() -> list[str]:
-    return sorted(str(p.relative_to(REPO)) for d in SOURCES for p in (REPO / d).rglob("*.py"))
-
-
-def run(modules: list[str], sample: int | None, seed: int, workers: int, timeout: float, fresh: bool,
-        rerun_survivors: bool = False) -> None:
-    cache = {} if fresh else _load_cache()
-    todo = []
-    for module in modules:
-        mutants = mutants_of(module)
-        cache.setdefault("modules", {})[module] = {"mutants": len(mutants), "keys": [m.key for m in mutants]}
-        results = cache.setdefault("results", {})
-        if rerun_survivors:
-            pending = [m for m in mutants if results.get(m.key, {}).get("outcome") == "survived"]
-        else:
-            pending = [m for m in mutants if m.key not in results]
-        if sample is not None:
-            done = len(mutants) - len(pending)
-            pending = random.Random(seed).sample(pending, min(len(pending), max(0, sample - done)))
-        todo += pending
-    for module in modules:  # the unmutated tests must pass, or every mutant would count as killed
-        outcome, seconds = _baseline(module, timeout)
-        if outcome != "survived":
-            raise SystemExit(f"{module}: its tests fail without any mutation ({outcome}); fix them first")
-    print(f"{len(todo)} mutants to run over {len(modules)} modules with {workers} worker(s)", flush=True)
-
-    lock = threading.Lock()
-
-    def record(mutant: Mutant, outcome: str, seconds: float) -> None:
-        with lock:
-            _record(mutant, outcome, seconds)
-
-    def _record(mutant: Mutant, outcome: str, seconds: float) -> None:
-        cache["results"][mutant.key] = {**asdict(mutant), "outcome": outcome, "seconds": round(seconds, 1),
-                                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        print(f"{outcome:9s} {seconds:6.1f}s {mutant.module}:{mutant.line} {mutant.mutation}", flush=True)
-        write_report(cache)
-
-    shares = [todo[i::workers] for i in range(workers)]
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(_run_mutants, share, timeout, record) for share in shares if share]:
-            future.result()
-    write_report(cache)
-
-
-def _baseline(module: str, timeout: float) -> tuple[str, float]:
-    root = _scratch_copy()
-    try:
-        return _pytest(root, TESTS.get(module, FAST_SUITE), timeout)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def _first_failure(log: Path) -> str | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" ")[1]
+    return None
 
 
 # ----- the report -----------------------------------------------------------------------------------------------
-def write_report(cache: dict) -> None:
-    current = {key for info in cache.get("modules", {}).values() for key in info["keys"]}
-    results = [r for key, r in cache.get("results", {}).items() if key in current]
-    lines = ["# Mutation testing", "",
-             "Generated by `python -m benchmarks.mutation` (see its docstring for the operators and the test map). "
-             "Killed: the module's tests fail on the mutant (or run past the time limit); survived: they pass. "
-             "Only mutants of a module's current source count; timings are wall-clock on a shared, loaded 2-core "
-             "machine and only say how long a run takes.", "",
-             "| module | mutants | run | killed | survived (equivalent) | score (killed / non-equivalent run) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    total = {"mutants": 0, "run": 0, "killed": 0, "survived": 0, "equivalent": 0}
-    survivors = []
-    for module, info in sorted(cache.get("modules", {}).items()):
-        mine = [r for r in results if r["module"] == module]
-        if not mine:
-            continue
-        killed = sum(r["outcome"] in ("killed", "timeout") for r in mine)
-        alive = [r for r in mine if r["outcome"] == "survived"]
-        equivalent = [r for r in alive if _equivalent(r)]
-        survivors += alive
-        scored = len(mine) - len(equivalent)
-        lines.append(f"| `{module}` | {info['mutants']} | {len(mine)} | {killed} | {len(alive)} ({len(equivalent)}) "
-                     f"| {killed / scored:.1%} |" if scored else f"| `{module}` | {info['mutants']} | {len(mine)} | "
-                     f"{killed} | {len(alive)} ({len(equivalent)}) | - |")
-        for key, value in (("mutants", info["mutants"]), ("run", len(mine)), ("killed", killed),
-                           ("survived", len(alive)), ("equivalent", len(equivalent))):
-            total[key] += value
-    scored = total["run"] - total["equivalent"]
-    if scored:
-        lines.append(f"| **all run** | {total['mutants']} | {total['run']} | {total['killed']} | {total['survived']} "
-                     f"({total['equivalent']}) | {total['killed'] / scored:.1%} |")
-    everything = sum(len(mutants_of(module)) for module in all_modules())
-    lines += ["", f"Coverage: {total['run']} of the {everything} mutants of `randopt/` and `integrations/` have been run "
-              f"({len(cache.get('modules', {}))} module(s); `--list` counts them per module). Distributed tests are "
-              "not run per mutant (minutes per launch), so code reached only by them is under-tested here."]
-    errors = [r for r in results if r["outcome"].startswith("error")]
-    if errors:
-        lines += ["", f"{len(errors)} mutant(s) ended with a pytest error other than a failure: "
-                  + ", ".join(f"`{r['module']}:{r['line']}`" for r in errors)]
-    lines += ["", "## Survivors of the run", "",
-              "Each is equivalent (no test can tell it from the original) or a gap in the tests.",
-              ""]
-    if not survivors:
-        lines.append("None.")
-    for r in sorted(survivors, key=lambda r: (r["module"], r["line"])):
-        reason = _equivalent(r)
-        verdict = f"equivalent: {reason}" if reason else "**not killed: a test gap**"
-        lines.append(f"- `{r['module']}:{r['line']}` {r['mutation']} in `{r['source_line']}`: {verdict}")
-    REPORT.write_text("\n".join(lines) + "\n")
+def _wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if not n:
+        return 0.0, 1.0
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def _equivalent(result: dict) -> str | None:
     return EQUIVALENT.get((result["module"], result["source_line"], result["mutation"]))
 
 
+def write_report(cache: dict) -> None:
+    modules = cache.get("modules", {})
+    current = {key for info in modules.values() for key in info["keys"]}
+    results = [r for key, r in cache.get("results", {}).items() if key in current]
+    sample = cache.get("sample")
+    lines = ["# Mutation testing", "",
+             "Generated by `python -m benchmarks.mutation` (its docstring describes the operators and how tests are "
+             "chosen). A mutant is one deliberate bug; **killed**: the fast tests that execute its line fail on it "
+             "(or run past the time limit); **survived**: they pass; **uncovered**: no fast test executes its line, "
+             "so it survives without running. Score = killed / (mutants run or uncovered, less the equivalent ones). "
+             "Only mutants of a module's current source count.", ""]
+    if sample:
+        lines += [f"**This is a sample**, not every mutant: {sample['size']} of the {sample['population']} mutants "
+                  f"of `randopt/` and `integrations/`, drawn at random per module (proportional to the module's "
+                  f"mutants, at least 5 each; seed {sample['seed']}, source at {sample['commit']}). The interval is "
+                  "the 95% Wilson interval of a binomial proportion over the sample: the score of all mutants lies "
+                  "in it with about 95% confidence.", ""]
+    lines += ["| module | mutants | in the results | killed | survived (equivalent) | uncovered | score |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    total = collections.Counter()
+    survivors, uncovered, rescued = [], [], []
+    for module, info in sorted(modules.items()):
+        mine = [r for r in results if r["module"] == module]
+        killed = sum(r["outcome"] in ("killed", "timeout") for r in mine)
+        alive = [r for r in mine if r["outcome"] in ("survived", "uncovered")]
+        equivalent = sum(bool(_equivalent(r)) for r in alive)
+        survivors += [r for r in alive if r["outcome"] == "survived"]
+        uncovered += [r for r in alive if r["outcome"] == "uncovered"]
+        rescued += [r for r in mine if r["outcome"] == "killed" and r.get("previous") in ("survived", "uncovered")]
+        scored = killed + len(alive) - equivalent
+        counts = dict(mutants=info["mutants"], results=len(mine), killed=killed, alive=len(alive),
+                      equivalent=equivalent, uncovered=sum(r["outcome"] == "uncovered" for r in mine), scored=scored)
+        total.update(counts)
+        score = f"{killed / scored:.1%}" if scored else "-"
+        lines.append(f"| `{module}` | {info['mutants']} | {len(mine)} | {killed} | {len(alive)} ({equivalent}) "
+                     f"| {counts['uncovered']} | {score} |")
+    if total["scored"]:
+        low, high = _wilson(total["killed"], total["scored"])
+        lines.append(f"| **all** | {total['mutants']} | {total['results']} | {total['killed']} | {total['alive']} "
+                     f"({total['equivalent']}) | {total['uncovered']} | **{total['killed'] / total['scored']:.1%}** "
+                     f"(95% CI {low:.1%}-{high:.1%}) |")
+    errors = [r for r in results if r["outcome"].startswith("error")]
+    if errors:
+        lines += ["", f"{len(errors)} mutant(s) ended with a pytest error other than a failure (not scored): "
+                  + ", ".join(f"`{r['module']}:{r['line']}` ({r['outcome']})" for r in errors)]
+    run_ones = [r for r in results if r.get("selection") in ("line", "import")]
+    if run_ones:
+        seconds = sorted(r["seconds"] for r in run_ones)
+        lines += ["", f"{len(run_ones)} mutants ran, {sum(r['tests'] for r in run_ones)} selected tests in all "
+                  f"(median {sorted(r['tests'] for r in run_ones)[len(run_ones) // 2]} per mutant; -x stops at the "
+                  f"first failure); wall time per mutant median {seconds[len(seconds) // 2]:.1f} s, total "
+                  f"{sum(seconds) / 60:.0f} min, on a shared 2-core machine (timings only say what a run costs)."]
+    for title, rows, empty in (
+            ("Survivors", survivors, "None."),
+            ("Uncovered (no fast test executes the line)", uncovered, "None."),
+            ("Killed on a rerun by tests added for them", rescued, "None.")):
+        lines += ["", f"## {title}", ""]
+        if not rows:
+            lines.append(empty)
+        for r in sorted(rows, key=lambda r: (r["module"], r["line"])):
+            reason = _equivalent(r)
+            verdict = f"equivalent: {reason}" if reason else (
+                f"killed by `{r['killer']}`" if r["outcome"] == "killed" else "**not killed: a test gap**")
+            lines.append(f"- `{r['module']}:{r['line']}` {r['mutation']} in `{r['source_line']}`: {verdict}")
+    lines += ["", "## What is not run", "",
+              "- Tests marked `slow` or `distributed` (torchrun launches take minutes each): code reached only by "
+              "them (the DeepSpeed and FSDP paths of the optimizers) shows up as uncovered or survives here.",
+              "- Code run only in a subprocess a test starts (the CLI through `python -m randopt`, the killed writers "
+              "of `tests/test_atomic_writes.py`) is not traced; where no in-process test executes it, it counts as "
+              "uncovered.",
+              "- A fixture shared by several tests is traced in the first test that sets it up: the others are not "
+              "selected for mutants of the fixture's lines."]
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+def _register(cache: dict, modules: list[str]) -> None:
+    for module in modules:
+        mutants = mutants_of(module)
+        cache.setdefault("modules", {})[module] = {"mutants": len(mutants), "keys": [m.key for m in mutants]}
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modules", nargs="+", default=None, help="paths relative to the checkout (default: all)")
-    parser.add_argument("--sample", type=int, default=None, help="at most this many mutants per module")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="a stratified random sample of about this many mutants (default: every mutant)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant before it counts as killed")
     parser.add_argument("--fresh", action="store_true", help="forget cached results")
     parser.add_argument("--rerun-survivors", action="store_true",
                         help="run only the cached survivors again (after adding tests that should kill them)")
@@ -381,18 +607,32 @@ def main(argv=None) -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite mutation.md from the cached results")
     args = parser.parse_args(argv)
     modules = args.modules or all_modules()
-    if args.report:  # against the modules' current source: results of changed lines drop out
-        cache = _load_cache()
-        for module in cache.get("modules", {}):
-            mutants = mutants_of(module)
-            cache["modules"][module] = {"mutants": len(mutants), "keys": [m.key for m in mutants]}
-        write_report(cache)
-        return
     if args.list:
         for module in modules:
             print(f"{len(mutants_of(module)):5d} {module}")
         return
-    run(modules, args.sample, args.seed, args.workers, args.timeout, args.fresh, args.rerun_survivors)
+    cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
+    if args.sample is not None:
+        mutants = stratified_sample(modules, args.sample, args.seed)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip()
+        cache["sample"] = {"size": len(mutants), "population": sum(len(mutants_of(m)) for m in modules),
+                           "seed": args.seed, "commit": commit}
+        cache["modules"] = {}
+        _register(cache, modules)
+        sampled = {m.key for m in mutants}
+        for info in cache["modules"].values():  # the report counts the sample's mutants only
+            info["keys"] = [key for key in info["keys"] if key in sampled]
+    elif "sample" in cache:  # a rerun or report of the sample: its mutants as they are in today's source
+        keys = {key for info in cache["modules"].values() for key in info["keys"]}
+        mutants = [m for module in cache["modules"] for m in mutants_of(module) if m.key in keys]
+    else:
+        _register(cache, modules)
+        mutants = [m for module in modules for m in mutants_of(module)]
+    if not args.report:
+        run(mutants, cache, args.rerun_survivors)
+    CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    write_report(cache)
 
 
 if __name__ == "__main__":

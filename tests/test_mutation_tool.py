@@ -1,5 +1,6 @@
 """benchmarks/mutation.py generates real mutants: each one compiles, differs from the original in one place, and
-the operators it claims to apply are the ones applied."""
+the operators it claims to apply are the ones applied; a mutant runs the tests that execute its line; the sample
+spans every module and is reproducible."""
 import ast
 import difflib
 
@@ -50,5 +51,49 @@ def test_report_scores_killed_over_non_equivalent(tmp_path, monkeypatch):
     monkeypatch.setitem(mutation.EQUIVALENT, ("m.py", line, "return None"), "unused")
     mutation.write_report({"modules": {"m.py": {"mutants": 9, "keys": ["0", "1", "2", "3", "4"]}}, "results": results})
     report = (tmp_path / "mutation.md").read_text()
-    assert "| `m.py` | 9 | 5 | 3 | 2 (1) | 75.0% |" in report
+    assert "| `m.py` | 9 | 5 | 3 | 2 (1) | 0 | 75.0% |" in report
     assert "equivalent: unused" in report and "**not killed: a test gap**" in report
+
+
+def _mutant(line, lines, statement=()):
+    return mutation.Mutant("m.py", 0, line, "Add -> Sub", "x", 0, tuple(lines), tuple(statement))
+
+
+def test_a_mutant_runs_the_tests_that_execute_its_line():
+    trace = {"failed": ["t::broken"], "seconds": {"t::a": 1.0, "t::b": 2.0, "t::c": 3.0},
+             "hits": {mutation.IMPORT_CONTEXT: {"m.py": [1, 2]}, "t::a": {"m.py": [5, 6]}, "t::b": {"m.py": [6, 9]},
+                      "t::c": {"m.py": [8]}, "t::broken": {"m.py": [5, 7]}}}
+    coverage = mutation.CoverageMap({"t": trace})
+    assert coverage.tests_for(_mutant(6, [6])) == (["t::a", "t::b"], "line")
+    assert coverage.tests_for(_mutant(5, [5, 6, 7])) == (["t::a", "t::b"], "line")  # a failing test is never chosen
+    assert coverage.tests_for(_mutant(4, [4], statement=[3, 4, 5])) == (["t::a"], "line")  # the enclosing statement
+    assert coverage.tests_for(_mutant(2, [2])) == (["t::a", "t::b", "t::c"], "import")  # a module constant
+    assert coverage.tests_for(_mutant(7, [7])) == ([], "uncovered")  # only the failing test executes it
+
+
+def test_a_mutant_in_a_condition_falls_back_to_the_condition_lines_not_the_body(monkeypatch, tmp_path):
+    (tmp_path / "m.py").write_text("def f(x):\n    if (x >\n            1):\n        x = x + 2\n    return x\n")
+    monkeypatch.setattr(mutation, "REPO", tmp_path)
+    found = {m.mutation: (m.lines, m.statement) for m in mutation.mutants_of("m.py")}
+    assert found["Gt -> GtE"] == ((2, 3), (2, 3))
+    assert found["1 -> 2"] == ((3,), (2, 3))
+    assert found["Add -> Sub"] == ((4,), (4,))
+    assert found["return None"] == ((5,), (5,))
+
+
+def test_the_sample_spans_every_module_in_proportion_and_is_reproducible():
+    modules = ["randopt/optim/state.py", "randopt/optim/precision.py", "randopt/validation.py"]
+    sizes = {module: len(mutation.mutants_of(module)) for module in modules}
+    sample = mutation.stratified_sample(modules, total=60, seed=3)
+    assert [m.key for m in sample] == [m.key for m in mutation.stratified_sample(modules, total=60, seed=3)]
+    assert [m.key for m in sample] != [m.key for m in mutation.stratified_sample(modules, total=60, seed=4)]
+    drawn = {module: sum(m.module == module for m in sample) for module in modules}
+    assert all(drawn[module] >= min(5, sizes[module]) for module in modules)
+    assert drawn["randopt/validation.py"] > drawn["randopt/optim/state.py"]  # proportional to the mutants
+    assert len({m.key for m in sample}) == len(sample)
+
+
+def test_the_interval_holds_the_score():
+    low, high = mutation._wilson(95, 100)
+    assert low < 0.95 < high and 0.88 < low and high < 0.98
+    assert mutation._wilson(10, 10)[1] == pytest.approx(1.0)
