@@ -441,6 +441,18 @@ def _ordered(tests: list[str], seconds: dict[str, float], killers: collections.C
     return sorted(tests, key=lambda t: (-killers[t], seconds.get(t, 1e9), t))
 
 
+class _Select:
+    """Keeps the given tests, in the given order (node ids do not always survive a trip through the command line:
+    parameter ids with brackets or escapes)."""
+
+    def __init__(self, tests: list[str]):
+        self.order = {test: i for i, test in enumerate(tests)}
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, session, config, items):
+        items[:] = sorted((item for item in items if item.nodeid in self.order), key=lambda i: self.order[i.nodeid])
+
+
 def _outcome(code: int | None) -> str:
     if code is None:
         return "timeout"
@@ -474,7 +486,8 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
                 original = path.read_text()
                 path.write_text(mutated_source(mutant))
                 try:
-                    code, seconds = _forked_pytest(root, ["-x", "-rf", *tests], 120 + 3 * expected)
+                    files = sorted({t.split("::")[0] for t in tests})
+                    code, seconds = _forked_pytest(root, ["-x", "-rf", *files], 120 + 3 * expected, [_Select(tests)])
                 finally:
                     path.write_text(original)
                 outcome = _outcome(code)

@@ -1,6 +1,7 @@
 """Tests written for bugs that a mutation run put into the library and the rest of the suite let through
 (issue 13, item 8; benchmarks/mutation.py finds more): each test fails on that deliberate bug."""
 import copy
+import os
 import types
 import warnings
 
@@ -186,3 +187,145 @@ def test_dtensor_moments_follow_the_shards_and_only_8bit_is_refused():
             init_moment({}, "exp_avg", like, "8bit")
     finally:
         dist.destroy_process_group()
+
+
+# ----- survivors of the sampled run (benchmarks/results/mutation.md) -------------------------------------------------
+def test_python_dash_m_randopt_exits_with_the_cli_status(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["randopt", "squeeze", str(tmp_path / "missing"), "--rank", "1",
+                                     "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("randopt", run_name="__main__")
+    assert exit_.value.code == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_the_cli_table_has_its_rule_under_the_header():
+    from randopt.cli import format_report
+    from randopt.lorasqueeze.adapters import LayerReport
+
+    table = format_report([LayerReport("q", (16, 40), 4, 2, 8.0, 4.0, 0.9), LayerReport("v", (16, 16), 4, 1, 8.0, 2.0,
+                                                                                          0.5)]).splitlines()
+    assert table[0].startswith("layer") and set(table[1]) == {"-", " "} and table[2].startswith("q ")
+    assert len(table) == 4
+
+
+def test_atomic_writes_close_every_descriptor_they_open(tmp_path):
+    from randopt import _atomic
+
+    def write(d):
+        with open(os.path.join(d, "a"), "w") as f:
+            f.write("x")
+
+    before = len(os.listdir("/proc/self/fd"))
+    for overwrite in (False, True, True):
+        _atomic.write_directory(tmp_path / "out", write, overwrite=overwrite, owner_file="a")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_deepspeed_block_defaults_to_rank_32_and_leaves_a_zero_0_config_alone():
+    from randopt.integrations import deepspeed as plugin
+
+    block = {"optimizer": "RandLoRAAdamW", "params": {"lr": 1e-3}, "target_modules": ["q_proj"]}
+    model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(40, 48)})
+    optimizer, config = plugin.optimizer_from_config(model, {"zero_optimization": {"overlap_comm": False},
+                                                             "randopt": block})
+    assert optimizer.param_groups[0]["rank"] == 32
+    assert config == {"zero_optimization": {"overlap_comm": False}}, "stage 0 (the default) needs no ZeRO flag"
+
+
+def test_randomized_cost_counts_two_products_per_power_iteration_and_two_more():
+    """``2 * (power_iters + 1)`` products with the operator, as randomized_svd makes them."""
+    from randopt.lorasqueeze.export import _QR_COST, SVD_COST, export_costs
+
+    D, d, columns, width = 40, 16, 16, 12
+    for power_iters in (0, 2):
+        passes = 2 * (power_iters + 1)
+        expected = (columns * d + passes * (D + d) * columns * width + passes * _QR_COST * D * width ** 2
+                    + SVD_COST * d * width ** 2)
+        assert export_costs(d, D, columns, 2, oversample=10, power_iters=power_iters,
+                            exact_energy=False)["randomized"] == expected
+
+
+def test_factored_svd_refuses_factors_that_do_not_chain():
+    from randopt.lorasqueeze.functional import factored_svd
+
+    with pytest.raises(ValueError, match="same r"):
+        factored_svd(torch.randn(6, 3), torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("power_iters", [-1, 1.5])
+def test_randomized_svd_refuses_a_bad_power_iteration_count(power_iters):
+    from randopt.lorasqueeze.functional import dense_operator, randomized_svd
+
+    with pytest.raises(ValueError, match="power_iters"):
+        randomized_svd(dense_operator(torch.randn(8, 6, dtype=torch.float64)), 2, power_iters=power_iters)
+
+
+def test_a_rank_schedule_of_two_stages_is_accepted():
+    from randopt.lorasqueeze.training import RankSchedule
+
+    assert RankSchedule.linear(8, 2, 10, 2).stages == ((0, 8), (5, 2))
+
+
+def test_state_summary_counts_8bit_bytes_as_codes_plus_fp32_scales():
+    pytest.importorskip("bitsandbytes")
+    from randopt.optim.state import state_summary
+
+    model = torch.nn.Linear(64, 80)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=32, state_dtype="8bit", min_8bit_size=0)
+    model(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    codes = [v for s in opt.state.values() for k, v in s.items() if k.endswith("exp_avg_codes") or
+             k.endswith("exp_avg_sq_codes")]
+    scales = [v for s in opt.state.values() for k, v in s.items() if k.endswith("_absmax")]
+    summary = state_summary(opt)["8bit"]
+    assert summary["bytes"] == sum(c.numel() for c in codes) + 4 * sum(s.numel() for s in scales)
+
+
+def test_integer_checks_a_value_given_where_none_is_allowed():
+    from randopt import validation
+
+    assert validation.integer("n", 3, minimum=1, allow_none=True) == 3
+    assert validation.integer("n", None, allow_none=True) is None
+    with pytest.raises(ValueError, match="n must be an integer >= 1 or None"):
+        validation.integer("n", 0, minimum=1, allow_none=True)
+
+
+def test_bases_cached_on_a_device_are_renewed_when_a_group_needs_larger_ones():
+    layers = torch.nn.ModuleDict({"small": torch.nn.Linear(6, 5), "big": torch.nn.Linear(12, 10)})
+    opt = randopt.RandLoRAAdamW([{"params": [layers["small"].weight], "rank": 2}])
+    assert not opt.bases_for(opt.param_groups[0], "cpu", torch.float32).covers(10, 12)
+    opt.add_param_group({"params": [layers["big"].weight], "rank": 2})
+    assert opt.bases_for(opt.param_groups[1], "cpu", torch.float32).covers(10, 12)
+
+
+def test_refused_load_coefficients_leaves_no_state():
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=2)
+    with pytest.raises(ValueError, match="load_coefficients: lambda has shape"):
+        opt.load_coefficients(model.weight, torch.zeros(7), torch.zeros(3, 5))
+    assert not opt.state.get(model.weight)
+    assert opt.state_dict()["state"] == {}
+
+
+def test_a_lora_layer_without_a_2d_floating_base_weight_trains_without_a_base_handle():
+    """Duck-typed LoRA layers: a base weight that is not a 2-D float matrix is no ``W0``: the pair trains, and only
+    decaying ``W0`` is refused, saying that none was found."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self, base_weight):
+            super().__init__()
+            self.base_layer = torch.nn.Module()
+            self.base_layer.weight = base_weight
+            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(6, 2, bias=False)})
+            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(2, 5, bias=False)})
+            self.scaling = {"default": 2.0}
+
+    for base_weight in (torch.zeros(5, 6, dtype=torch.int32), torch.zeros(5, 6, 1)):
+        model = torch.nn.Sequential(Layer(torch.nn.Parameter(base_weight, requires_grad=False)))
+        (pair,) = randopt.optim.lorapro_adamw.find_lora_pairs(model)
+        assert pair.base_weight is None
+        randopt.LoRAProAdamW(model, lr=1e-2, mode="full")
+        with pytest.raises(ValueError, match="none was found"):
+            randopt.LoRAProAdamW(model, lr=1e-2, mode="full", decay_base_weight=True)

@@ -64,12 +64,6 @@ RANDLORA_OPTIONS = ("rank", "alpha", "seed", "basis_kind", "fan_in_fan_out")
 GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay") + RANDLORA_OPTIONS
 
 
-def matrix_view(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """A parameter (or its gradient) as the ``out x in`` matrix RandLoRA works on."""
-    matrix = tensor if tensor.dim() == 2 else tensor.view(tensor.shape[0], -1)
-    return matrix.T if fan_in_fan_out else matrix
-
-
 def shape_as_matrix(shape, fan_in_fan_out: bool) -> tuple[int, int]:
     rows, cols = shape[0], math.prod(shape[1:])
     return (cols, rows) if fan_in_fan_out else (rows, cols)
