@@ -63,6 +63,11 @@ PRELOAD = ("torch", "numpy", "pytest", "hypothesis", "safetensors", "transformer
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/optim/state.py", "return state_dtype", "return None"):
         "every caller uses check_state_dtype only to raise; none reads what it returns",
+    ("randopt/_atomic.py", "return False", "return None"):
+        "_exchange's one caller tests its result for truth: None and False both take the rename fallback",
+    ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
+        "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
+        "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",
 }
 
 

@@ -268,19 +268,25 @@ def test_a_rank_schedule_of_two_stages_is_accepted():
     assert RankSchedule.linear(8, 2, 10, 2).stages == ((0, 8), (5, 2))
 
 
-def test_state_summary_counts_8bit_bytes_as_codes_plus_fp32_scales():
+def test_state_summary_counts_moments_elements_and_bytes_exactly():
+    """8-bit moments: one byte per element plus an fp32 scale per block; the rest: their dtype's size."""
     pytest.importorskip("bitsandbytes")
     from randopt.optim.state import state_summary
 
     model = torch.nn.Linear(64, 80)
-    opt = randopt.RandLoRAAdamW([model.weight], rank=32, state_dtype="8bit", min_8bit_size=0)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=32, state_dtype="8bit", min_8bit_size=100)
     model(torch.randn(3, 64)).sum().backward()
     opt.step()
-    codes = [v for s in opt.state.values() for k, v in s.items() if k.endswith("exp_avg_codes") or
-             k.endswith("exp_avg_sq_codes")]
-    scales = [v for s in opt.state.values() for k, v in s.items() if k.endswith("_absmax")]
-    summary = state_summary(opt)["8bit"]
-    assert summary["bytes"] == sum(c.numel() for c in codes) + 4 * sum(s.numel() for s in scales)
+    (state,) = opt.state.values()
+    codes = [v for k, v in state.items() if k.endswith("_codes")]
+    scales = [v for k, v in state.items() if k.endswith("_absmax")]
+    fp32 = [v for k, v in state.items() if "exp_avg" in k and v.dtype == torch.float32 and not k.endswith("_absmax")]
+    assert codes and fp32, "lambda (32 x 2) stays fp32 below 100 elements, gamma (2 x 64) goes 8-bit"
+    assert state_summary(opt) == {
+        "8bit": {"moments": len(codes), "elements": sum(c.numel() for c in codes),
+                 "bytes": sum(c.numel() for c in codes) + 4 * sum(s.numel() for s in scales)},
+        "float32": {"moments": len(fp32), "elements": sum(m.numel() for m in fp32),
+                    "bytes": 4 * sum(m.numel() for m in fp32)}}
 
 
 def test_integer_checks_a_value_given_where_none_is_allowed():
@@ -329,3 +335,71 @@ def test_a_lora_layer_without_a_2d_floating_base_weight_trains_without_a_base_ha
         randopt.LoRAProAdamW(model, lr=1e-2, mode="full")
         with pytest.raises(ValueError, match="none was found"):
             randopt.LoRAProAdamW(model, lr=1e-2, mode="full", decay_base_weight=True)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-rank gloo process group in this process: FSDP2 and DTensors without torchrun."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5))
+
+
+def _lora_mlp():
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(_mlp(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"],
+                                                       init_lora_weights=False))
+
+
+@pytest.mark.parametrize("make_model,make_optimizer", [
+    (_mlp, lambda m: randopt.RandLoRAAdamW(randopt.param_groups(m, ["0", "2"], rank=2, train_rest=True), lr=1e-2)),
+    (_lora_mlp, lambda m: randopt.LoRAProAdamW(m, lr=1e-2, mode="full")),
+    (_lora_mlp, lambda m: randopt.LoRAProAdamW(m, lr=1e-2, mode="efficient")),
+], ids=["RandLoRAAdamW", "LoRAProAdamW-full", "LoRAProAdamW-efficient"])
+def test_fsdp2_on_one_rank_trains_exactly_like_the_unsharded_model(one_rank_group, make_model, make_optimizer):
+    """The DTensor route (FSDP2's ``fully_shard``) in one process, so that the fast suite reaches it too; the
+    2-rank runs of tests/test_fsdp.py check the sharding itself."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = make_model()
+    plain, start = copy.deepcopy(sharded), copy.deepcopy(sharded)
+    for module in sharded.modules():
+        if isinstance(module, torch.nn.Linear):
+            fully_shard(module, mesh=one_rank_group)
+    fully_shard(sharded, mesh=one_rank_group)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    for model in (sharded, plain):
+        opt = make_optimizer(model)
+        for _ in range(3):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    after = [p.full_tensor() for p in sharded.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, plain.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(after, start.parameters())), "it must have trained"
+
+
+def test_an_optimizer_pickled_before_the_sharding_attributes_existed_unpickles_ready_to_step():
+    """``__setstate__`` fills what an older pickle lacks: no locator yet, nothing pending, zero traffic."""
+    import pickle
+
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=2)
+    state = opt.__getstate__()
+    old = {k: v for k, v in state.items() if k not in ("_originals", "_all_groups", "_locator", "_real_step",
+                                                       "_pending", "communicated", "engine")}
+    restored = randopt.RandLoRAAdamW.__new__(randopt.RandLoRAAdamW)
+    restored.__setstate__(pickle.loads(pickle.dumps(old)))
+    assert restored.communicated == {"all_reduces": 0, "bytes": 0} and restored.engine is None
+    assert restored._locator is None and restored._pending == {}
+    assert [list(g["params"]) for g in restored._all_groups] == [list(g["params"]) for g in restored.param_groups]
