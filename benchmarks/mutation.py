@@ -430,15 +430,19 @@ def coverage_map(timeout: float = 3600) -> CoverageMap:
 # ----- running mutants ------------------------------------------------------------------------------------------
 def stratified_sample(modules: list[str], total: int, seed: int, minimum: int = 5) -> list[Mutant]:
     """About ``total`` mutants, each module's share proportional to its mutants and at least ``minimum`` (or all it
-    has), drawn with ``seed``; shuffled, so a run stopped early is still spread over the modules."""
+    has), drawn with ``seed``. Ordered so that a run stopped early still covers every module: the first ``minimum``
+    of each module (shuffled together), then the rest (shuffled)."""
     everything = {module: mutants_of(module) for module in modules}
     count = sum(len(m) for m in everything.values())
-    chosen = []
+    first, rest = [], []
     for module, mutants in everything.items():
         size = min(len(mutants), max(minimum, round(total * len(mutants) / count)))
-        chosen += random.Random(f"{seed}:{module}").sample(mutants, size)
-    random.Random(seed).shuffle(chosen)
-    return chosen
+        drawn = random.Random(f"{seed}:{module}").sample(mutants, size)
+        first += drawn[:minimum]
+        rest += drawn[minimum:]
+    random.Random(seed).shuffle(first)
+    random.Random(seed + 1).shuffle(rest)
+    return first + rest
 
 
 def _ordered(tests: list[str], seconds: dict[str, float], killers: collections.Counter) -> list[str]:

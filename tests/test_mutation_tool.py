@@ -91,6 +91,8 @@ def test_the_sample_spans_every_module_in_proportion_and_is_reproducible():
     assert all(drawn[module] >= min(5, sizes[module]) for module in modules)
     assert drawn["randopt/validation.py"] > drawn["randopt/optim/state.py"]  # proportional to the mutants
     assert len({m.key for m in sample}) == len(sample)
+    head = sample[:5 * len(modules)]  # a run stopped early still has 5 of each
+    assert all(sum(m.module == module for m in head) == 5 for module in modules)
 
 
 def test_the_interval_holds_the_score():
