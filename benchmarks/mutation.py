@@ -81,6 +81,7 @@ class Mutant:
     occurrence: int  # among the module's mutants with the same source line and mutation
     lines: tuple[int, ...] = ()  # the mutated node's lines: a test that executes one of them runs the mutant
     statement: tuple[int, ...] = ()  # the enclosing statement's own lines, when none of ``lines`` is traced
+    at_import: bool = False  # outside any function: runs once, when the module imports (in whichever test that is)
 
     @property
     def key(self) -> str:
@@ -170,9 +171,11 @@ class _Apply(ast.NodeTransformer):
         return node
 
 
-def _statement_lines(tree: ast.AST) -> dict[int, tuple[int, ...]]:
-    """id(node) -> the lines of the innermost statement holding it, without the bodies of a compound statement."""
+def _statement_lines(tree: ast.AST) -> tuple[dict[int, tuple[int, ...]], set[int]]:
+    """(id(node) -> the lines of the innermost statement holding it, without the bodies of a compound statement;
+    the ids of the nodes outside every function body)."""
     owner: dict[int, tuple[int, ...]] = {}
+    at_import: set[int] = set()
 
     def own_lines(statement: ast.stmt) -> tuple[int, ...]:
         bodies = [child for field in ("body", "orelse", "finalbody", "handlers") for child in
@@ -180,29 +183,33 @@ def _statement_lines(tree: ast.AST) -> dict[int, tuple[int, ...]]:
         end = min([b.lineno - 1 for b in bodies if b.lineno > statement.lineno] + [statement.end_lineno])
         return tuple(range(statement.lineno, max(end, statement.lineno) + 1))
 
-    def visit(node: ast.AST, lines: tuple[int, ...]) -> None:
+    def visit(node: ast.AST, lines: tuple[int, ...], in_function: bool) -> None:
         if isinstance(node, ast.stmt):
             lines = own_lines(node)
         owner[id(node)] = lines
+        if not in_function:
+            at_import.add(id(node))
         for child in ast.iter_child_nodes(node):
-            visit(child, lines)
+            body = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and child in node.body
+            visit(child, lines, in_function or body or isinstance(node, ast.Lambda))
 
-    visit(tree, ())
-    return owner
+    visit(tree, (), False)
+    return owner, at_import
 
 
 def mutants_of(module: str) -> list[Mutant]:
     source = (REPO / module).read_text()
     lines = source.splitlines()
     tree = ast.parse(source)
-    statements = _statement_lines(tree)
+    statements, at_import = _statement_lines(tree)
     seen: dict[tuple[str, str], int] = {}
     mutants = []
     for i, (node, description, _) in enumerate(_points(tree)):
         text = lines[node.lineno - 1].strip()
         occurrence = seen[text, description] = seen.get((text, description), -1) + 1
         span = tuple(range(node.lineno, (node.end_lineno or node.lineno) + 1))
-        mutants.append(Mutant(module, i, node.lineno, description, text, occurrence, span, statements[id(node)]))
+        mutants.append(Mutant(module, i, node.lineno, description, text, occurrence, span, statements[id(node)],
+                              id(node) in at_import))
     return mutants
 
 
@@ -386,8 +393,12 @@ class CoverageMap:
             self.seconds.update({t: s for t, s in trace["seconds"].items() if t not in trace["failed"]})
 
     def tests_for(self, mutant: Mutant) -> tuple[list[str], str]:
-        """(the tests that execute the mutant, how they were chosen: "line", "import" or "uncovered")."""
+        """(the tests that execute the mutant, how they were chosen: "line", "import" or "uncovered"). Code that runs
+        at import (a module constant, a default value) runs in whichever test imports the module first: every test
+        that executes the module is chosen for it."""
         executed = self.lines.get(mutant.module, {})
+        if mutant.at_import and executed:
+            return sorted(set().union(*executed.values())), "import"
         for span in (mutant.lines, mutant.statement):
             tests = set().union(*(executed.get(line, ()) for line in span))
             if tests:

@@ -403,3 +403,11 @@ def test_an_optimizer_pickled_before_the_sharding_attributes_existed_unpickles_r
     assert restored.communicated == {"all_reduces": 0, "bytes": 0} and restored.engine is None
     assert restored._locator is None and restored._pending == {}
     assert [list(g["params"]) for g in restored._all_groups] == [list(g["params"]) for g in restored.param_groups]
+
+
+def test_squeeze_callback_refuses_a_bad_alpha_policy_when_built():
+    from randopt.integrations.squeeze_trainer import SqueezeCallback
+    from randopt.lorasqueeze import RankSchedule
+
+    with pytest.raises(ValueError, match="alpha"):
+        SqueezeCallback(RankSchedule([(0, 8), (2, 4)]), alpha="keep_everything")

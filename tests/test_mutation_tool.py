@@ -69,6 +69,8 @@ def test_a_mutant_runs_the_tests_that_execute_its_line():
     assert coverage.tests_for(_mutant(4, [4], statement=[3, 4, 5])) == (["t::a"], "line")  # the enclosing statement
     assert coverage.tests_for(_mutant(2, [2])) == (["t::a", "t::b", "t::c"], "import")  # a module constant
     assert coverage.tests_for(_mutant(7, [7])) == ([], "uncovered")  # only the failing test executes it
+    module_constant = mutation.Mutant("m.py", 0, 8, "1 -> 2", "x = 1", 0, (8,), (8,), at_import=True)
+    assert coverage.tests_for(module_constant) == (["t::a", "t::b", "t::c"], "import")  # imported inside t::c
 
 
 def test_a_mutant_in_a_condition_falls_back_to_the_condition_lines_not_the_body(monkeypatch, tmp_path):
@@ -79,6 +81,10 @@ def test_a_mutant_in_a_condition_falls_back_to_the_condition_lines_not_the_body(
     assert found["1 -> 2"] == ((3,), (2, 3))
     assert found["Add -> Sub"] == ((4,), (4,))
     assert found["return None"] == ((5,), (5,))
+    assert not any(m.at_import for m in mutation.mutants_of("m.py"))
+    (tmp_path / "m.py").write_text("LIMIT = 3\n\n\ndef f(x=4):\n    return x + LIMIT\n")
+    at_import = {m.mutation: m.at_import for m in mutation.mutants_of("m.py")}
+    assert at_import == {"3 -> 4": True, "4 -> 5": True, "Add -> Sub": False, "return None": False}
 
 
 def test_the_sample_spans_every_module_in_proportion_and_is_reproducible():
