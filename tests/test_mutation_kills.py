@@ -411,3 +411,56 @@ def test_squeeze_callback_refuses_a_bad_alpha_policy_when_built():
 
     with pytest.raises(ValueError, match="alpha"):
         SqueezeCallback(RankSchedule([(0, 8), (2, 4)]), alpha="keep_everything")
+
+
+def test_clipping_never_scales_a_gradient_up():
+    from randopt.optim.functional import clip_factor
+
+    total, factor = clip_factor([torch.tensor(0.3), torch.tensor(0.4)], max_norm=10.0)
+    assert total.item() == pytest.approx(0.5) and factor.item() == 1.0
+    assert clip_factor([torch.tensor(30.0), torch.tensor(40.0)], max_norm=10.0)[1].item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("module_names", ["q_proj", ["no_such_layer"]])
+def test_exporting_named_randlora_layers_refuses_names_that_are_not_layers(module_names):
+    from randopt.lorasqueeze import export_lora
+
+    model = tiny_llama()
+    randopt.inject_randlora(model, LLAMA_TARGETS, rank=2)
+    with pytest.raises(ValueError, match="module_names must be a list of the model's RandLoRA layers"):
+        export_lora(model, rank=1, module_names=module_names)
+
+
+def test_a_bf16_plain_parameter_gets_its_adamw_update():
+    """Plain (rank=None) low-precision weights step in fp32 and get the update added with stochastic rounding."""
+    weight = torch.nn.Parameter(torch.linspace(-1, 1, 40, dtype=torch.bfloat16).reshape(5, 8))
+    reference = torch.nn.Parameter(weight.detach().float())
+    opt = randopt.RandLoRAAdamW([{"params": [weight], "rank": None}], lr=1e-2)
+    adamw = torch.optim.AdamW([reference], lr=1e-2)
+    grad = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    weight.grad, reference.grad = grad.bfloat16(), grad.bfloat16().float()
+    before = weight.detach().clone()
+    opt.step()
+    adamw.step()
+    assert not torch.equal(weight, before)
+    ulp = (before.float().abs() * 2 ** -7).clamp(min=2 ** -133)  # one bf16 step at these magnitudes
+    assert ((weight.float() - reference.detach()).abs() <= 2 * ulp).all()
+
+
+def test_restore_ranks_takes_a_saved_rank_of_one():
+    from randopt.lorasqueeze import restore_ranks
+    from randopt.lorasqueeze.training import lora_ranks
+
+    model = lora_llama()
+    changed = restore_ranks(model, {"r": 1, "lora_alpha": 4})
+    assert set(changed.values()) == {1} and set(lora_ranks(model).values()) == {1}
+
+
+@pytest.mark.parametrize("rank", [0, 2.0, True, "2", None])
+def test_inject_randlora_refuses_a_bad_rank_before_touching_the_model(rank):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        randopt.inject_randlora(model, LLAMA_TARGETS, rank=rank)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
