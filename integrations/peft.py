@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from randopt import validation
 from randopt._atomic import write_directory
 from randopt.lorasqueeze.adapters import read_adapter_config
 from randopt.lorasqueeze.export import base_weights, randlora_matrices
@@ -209,6 +210,7 @@ def export_randlora_adapter(model: nn.Module, optimizer=None, out_dir=None, *, m
     """
     if out_dir is None:
         raise ValueError("out_dir is required: the directory to write the adapter into")
+    validation.module("model", model)
     if optimizer is None:
         layers, settings = _module_layers(model, module_names)
     else:

@@ -73,6 +73,10 @@ def build_optimizer(model, optimizer: str, target_modules=None, **kwargs) -> tor
 
 
 def _from_training_arguments(args) -> dict:
+    names = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
+    if any(not hasattr(args, name) for name in names):
+        raise ValueError(f"args must be the Trainer's transformers.TrainingArguments (with {', '.join(names)}), got "
+                         f"{type(args).__name__}")
     return {"lr": args.learning_rate, "weight_decay": args.weight_decay, "betas": (args.adam_beta1, args.adam_beta2),
             "eps": args.adam_epsilon}
 
@@ -157,6 +161,8 @@ class RandoptCallback(TrainerCallback):
     def attach(cls, trainer, **kwargs) -> "RandoptCallback":
         """Add the callback FIRST, so reporting integrations (TensorBoard, W&B, the printer) see our keys; it keeps a
         weak reference to ``trainer`` to find its DeepSpeed engine."""
+        if not hasattr(getattr(trainer, "callback_handler", None), "callbacks"):
+            raise ValueError(f"trainer must be a transformers.Trainer, got {type(trainer).__name__}")
         callback = cls(**kwargs)
         callback._trainer = weakref.ref(trainer)
         trainer.callback_handler.callbacks.insert(0, callback)

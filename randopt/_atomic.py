@@ -28,9 +28,18 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def check_out_dir(out_dir: str, overwrite: bool, owner_file: str) -> None:
-    """Refuse (ValueError) an ``out_dir`` that exists without ``overwrite``, is not a directory, or is a non-empty
-    directory without ``owner_file`` (not one we wrote: replacing files in it is not ours to do)."""
+def _path(out_dir) -> str:
+    if not isinstance(out_dir, (str, os.PathLike)) or not os.fspath(out_dir):
+        # "" would be the working directory: too easy to get from an unset variable
+        raise ValueError(f"out_dir must be a non-empty path (str or os.PathLike), got {out_dir!r}")
+    return os.fspath(out_dir)
+
+
+def check_out_dir(out_dir, overwrite: bool, owner_file: str) -> None:
+    """Refuse (ValueError) an ``out_dir`` that is not a non-empty path, exists without ``overwrite``, is not a
+    directory, or is a non-empty directory without ``owner_file`` (not one we wrote: replacing files in it is not
+    ours to do)."""
+    out_dir = _path(out_dir)
     if not os.path.lexists(out_dir):
         return
     if not overwrite:
@@ -46,7 +55,7 @@ def check_out_dir(out_dir: str, overwrite: bool, owner_file: str) -> None:
 def write_directory(out_dir, write: Callable[[str], None], *, overwrite: bool, owner_file: str) -> str:
     """Make ``out_dir`` hold what ``write(directory)`` writes, plus what else it held before; returns its absolute
     path. Old or new, complete, whatever happens (see the module doc); leftovers of killed writes are removed."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = os.path.abspath(_path(out_dir))
     parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
     _recover(parent, name)

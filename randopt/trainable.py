@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .validation import module as check_module
+
 TRAINABLE_SET_KEYS = ("modules_to_save", "train_rest", "plain_lr")
 """The ``param_groups`` keywords that say what trains besides the targets (the Trainer factory and the DeepSpeed
 config block pass them through)."""
@@ -104,7 +106,7 @@ def trainable_summary(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     parameters are those with ``requires_grad`` (the module routes: adapter coefficients, LoRA factors,
     ``modules_to_save``). With one, the parameters it steps; for ``RandLoRAAdamW`` each RandLoRA matrix counts
     as the coefficients it learns, not the weight it writes into."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in check_module("model", model).named_parameters()}
     total = sum(p.numel() for p in model.parameters())
     summary = TrainableSummary(0, total)
     if optimizer is None:

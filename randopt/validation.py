@@ -144,6 +144,12 @@ def rank(value, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+def module(name: str, value) -> torch.nn.Module:
+    if not isinstance(value, torch.nn.Module):
+        raise ValueError(f"{name} must be a torch.nn.Module, got {_describe(value)}")
+    return value
+
+
 def keyword_arguments(cls) -> list[str]:
     """Keyword arguments of a class's constructor, other than ``params``."""
     signature = inspect.signature(cls.__init__)

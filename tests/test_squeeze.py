@@ -260,6 +260,13 @@ def test_bad_rank(source_dir, rank):
         squeeze_lora(source_dir, rank=rank)
 
 
+@pytest.mark.parametrize("out_dir", ["", 5])
+def test_bad_out_dir_is_refused_before_anything_is_computed(source_dir, out_dir):
+    """"" would be the working directory (an unset variable, say), 5 a TypeError deep in os."""
+    with pytest.raises(ValueError, match="out_dir must be a non-empty path"):
+        squeeze_lora(source_dir, rank=2, out_dir=out_dir)
+
+
 @pytest.mark.parametrize("energy", [0, 0.0, -0.1, 1.5, math.nan, True, "0.9"])
 def test_bad_energy(source_dir, energy):
     with pytest.raises(ValueError, match="energy"):

@@ -391,3 +391,39 @@ def test_sparse_embedding_gradient_is_refused_with_a_clear_message(optimizer_kin
     with pytest.raises(ValueError, match="sparse gradient"):
         optimizer.step()
     assert_same(before, snapshot(embedding, optimizer))
+
+
+# ----- every public entry point: junk is a ValueError naming the parameter (not a TypeError/AttributeError) --------
+def _integration(name):
+    return pytest.importorskip(f"randopt.integrations.{name}")
+
+
+PUBLIC_CALLS = {
+    "lorapro_groups(5)": (lambda: randopt.lorapro_groups(5), "pairs"),
+    "lorapro_groups(None)": (lambda: randopt.lorapro_groups(None), "pairs"),
+    "lorapro_groups([5])": (lambda: randopt.lorapro_groups([5]), r"pairs\[0\]"),
+    "LoRAProAdamW(base_weight=5)": (lambda: randopt.LoRAProAdamW(
+        [{"params": [Pair().A, Pair().B], "lora_scale": 1.0, "base_weight": 5}]), "W0"),
+    "param_groups(alpah=)": (lambda: randopt.param_groups(TwoLayer(), ["q"], rank=2, alpah=4.0), "alpah"),
+    "find_lora_pairs(5)": (lambda: randopt.find_lora_pairs(5), "model"),
+    "trainable_summary(None)": (lambda: randopt.trainable_summary(None), "model"),
+    "print_trainable_parameters(5)": (lambda: randopt.print_trainable_parameters(5), "model"),
+    "default_alpha('2')": (lambda: randopt.default_alpha("2"), "rank"),
+    "default_alpha(0)": (lambda: randopt.default_alpha(0), "rank"),
+    "randopt_optimizer(args=dict)": (lambda: _integration("transformers").randopt_optimizer(
+        "RandLoRAAdamW", args={"learning_rate": 1e-3}, target_modules=["q"]), "args"),
+    "RandoptCallback.attach(5)": (lambda: _integration("transformers").RandoptCallback.attach(5), "trainer"),
+    "export_randlora_adapter(5)": (lambda: _integration("peft").export_randlora_adapter(5, out_dir="unused"),
+                                   "model"),
+    "export_randlora_adapter(out_dir=5)": (lambda: _integration("peft").export_randlora_adapter(
+        randopt.inject_randlora(TwoLayer(), ["q"], rank=2), out_dir=5), "out_dir"),
+    "export_randlora_adapter(out_dir='')": (lambda: _integration("peft").export_randlora_adapter(
+        randopt.inject_randlora(TwoLayer(), ["q"], rank=2), out_dir=""), "out_dir"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(PUBLIC_CALLS))
+def test_public_entry_points_refuse_junk_with_a_value_error_naming_it(call):
+    function, name = PUBLIC_CALLS[call]
+    with pytest.raises(ValueError, match=name):
+        function()

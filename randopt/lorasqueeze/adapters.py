@@ -274,7 +274,7 @@ def squeeze_lora(source, rank: int | None = None, energy: float | None = None, o
     else:
         config, tensors = adapter_from_model(source, adapter_name)
     if out_dir is not None:
-        _check_out_dir(os.fspath(out_dir), overwrite)
+        _check_out_dir(out_dir, overwrite)
     result = squeeze_adapter(config, tensors, rank=rank, energy=energy, alpha=alpha, compute_dtype=compute_dtype)
     if out_dir is not None:
         result.save(out_dir, overwrite=overwrite)

@@ -7,7 +7,11 @@ from ..randlora.functional import DEFAULT_RANK
 from ..randlora.layer import ALL_LINEAR, TARGET_MODULES_DOC, find_targets, linear_shape
 from ..randlora.quantized import refuse_quantized
 from ..trainable import apply_trainable_set
-from ..validation import check_options, rank as check_rank
+from ..validation import check_keyword_names, check_options, module as check_module, rank as check_rank
+
+RANDLORA_OPTIONS = ("rank", "alpha", "seed", "basis_kind", "fan_in_fan_out")
+"""Group options that define a RandLoRA group's math (they cannot change mid-training)."""
+GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay") + RANDLORA_OPTIONS
 
 
 def param_groups(model: nn.Module, target_modules=ALL_LINEAR, rank: int = DEFAULT_RANK, *, modules_to_save=None,
@@ -27,9 +31,10 @@ def param_groups(model: nn.Module, target_modules=ALL_LINEAR, rank: int = DEFAUL
     Extra keyword options (``alpha``, ``seed``, ``basis_kind``, ``lr``, ...) apply to the RandLoRA groups.
 
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     rank = check_rank(rank)
+    # rank is its own argument, fan_in_fan_out follows each layer
+    check_keyword_names("param_groups", randlora_options, set(GROUP_OPTIONS) - {"rank", "fan_in_fan_out"})
     randlora_options = check_options(randlora_options)
     linear, conv1d = [], []
     targets = find_targets(model, target_modules, exclude=modules_to_save or ())

@@ -48,7 +48,7 @@ from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, 
                                   projected_gradient, working_dtype)
 from ..randlora.quantized import is_quantized, refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_options, check_params, check_saved_state, choice,
-                          filled_in, group_params)
+                          filled_in, group_params, module as validation_module)
 from .functional import adam_direction, adamw_step_, update_moments_
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
@@ -96,6 +96,7 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     on one layer, only the first gets the ``W0`` handle so full mode decays ``W0`` once. LoRA on embeddings
     (``lora_embedding_A``/``B``) is not LoRA-Pro's math either: warned about the same way.
     """
+    validation_module("model", model)
     pairs, lora_layers = [], 0
     for name, module in model.named_modules():
         lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
@@ -133,11 +134,13 @@ def lorapro_groups(pairs, **group_options) -> list[dict]:
     ``A`` is ``(r, in)``, ``B`` is ``(out, r)`` with ``W = W0 + scale * B @ A``. ``group_options``
     (lr, betas, eps, weight_decay, mode, x_mode, rcond) apply to every returned group.
     """
+    if isinstance(pairs, (torch.Tensor, str, dict)) or not hasattr(pairs, "__iter__"):
+        raise ValueError(f"pairs must be a list of (A, B, scale) or (A, B, scale, W0), got {type(pairs).__name__}")
     groups = []
     for i, pair in enumerate(pairs):
         if not isinstance(pair, LoRAPair):
-            if len(pair) not in (3, 4):
-                raise ValueError(f"pairs[{i}]: expected (A, B, scale) or (A, B, scale, W0), got {len(pair)} items")
+            if not isinstance(pair, (tuple, list)) or len(pair) not in (3, 4):
+                raise ValueError(f"pairs[{i}]: expected (A, B, scale) or (A, B, scale, W0), got {pair!r:.80}")
             pair = LoRAPair(f"pair{i}", *pair)
         groups.append({**group_options, "params": [pair.A, pair.B], "lora_scale": pair.scale,
                        "name": pair.name, "base_weight": pair.base_weight})
@@ -170,6 +173,8 @@ def _check_pair(name, A, B, base_weight) -> None:
     if A.dtype != B.dtype or A.device != B.device:
         raise ValueError(f"{name}: lora_A ({A.dtype}, {A.device}) and lora_B ({B.dtype}, {B.device}) "
                          "must share dtype and device")
+    if base_weight is not None and not isinstance(base_weight, torch.Tensor):
+        raise ValueError(f"{name}: base weight W0 must be a tensor or None, got {type(base_weight).__name__}")
     if base_weight is not None:
         shape, expected = tuple(base_weight.shape), (B.shape[0], A.shape[1])
         if shape not in (expected, expected[::-1]) or not base_weight.is_floating_point():

@@ -51,7 +51,7 @@ from ..randlora.quantized import refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params,
                           check_saved_state, choice, filled_in, group_params, rank as check_rank, real)
 from .functional import adamw_steps_, clip_factor
-from .groups import param_groups
+from .groups import GROUP_OPTIONS, RANDLORA_OPTIONS, param_groups
 from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
@@ -60,8 +60,6 @@ from .state import (BLOCK_SIZE, MIN_8BIT_SIZE, check_state_dtype, encode_moment,
 
 COEFFICIENTS = ("lambda", "gamma")
 WEIGHT_UPDATES = ("stochastic", "exact")
-RANDLORA_OPTIONS = ("rank", "alpha", "seed", "basis_kind", "fan_in_fan_out")
-GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay") + RANDLORA_OPTIONS
 
 
 def shape_as_matrix(shape, fan_in_fan_out: bool) -> tuple[int, int]:

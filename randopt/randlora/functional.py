@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import rank as check_rank
 from .bases import LayerBases, RandLoRABases, num_bases
 
 DEFAULT_RANK = 32
@@ -23,7 +24,7 @@ def default_alpha(rank: int) -> float:
     (PEFT's RandLora default, 640, at its default rank 32). The coefficients' learning rate goes with this scale:
     an update ``s * dCoefficients`` is ``s`` times larger than a plain parameter's at the same lr, which is why
     ``param_groups(..., plain_lr=...)`` gives plain parameters (e.g. a new head) a learning rate of their own."""
-    return DEFAULT_SCALE * rank
+    return DEFAULT_SCALE * check_rank(rank)
 
 
 def coefficient_shapes(out_features: int, in_features: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
