@@ -528,6 +528,9 @@ def load_randlora_adapter(model: nn.Module, adapter_dir, optimizer=None) -> Rand
     Returns the ``RandLoRAAdapter`` read (``install(optimizer)`` does the optimizer part later). Everything is checked
     before anything changes: a ``ValueError`` leaves the model and the optimizer as they were.
     """
+    validation.module("model", model)
+    if not isinstance(adapter_dir, (str, os.PathLike)):
+        raise ValueError(f"adapter_dir must be a path (str or os.PathLike), got {adapter_dir!r}")
     adapter_dir = os.fspath(adapter_dir)
     if not os.path.isdir(adapter_dir):
         raise ValueError(f"{adapter_dir} is not a directory")

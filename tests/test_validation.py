@@ -419,7 +419,21 @@ PUBLIC_CALLS = {
         randopt.inject_randlora(TwoLayer(), ["q"], rank=2), out_dir=5), "out_dir"),
     "export_randlora_adapter(out_dir='')": (lambda: _integration("peft").export_randlora_adapter(
         randopt.inject_randlora(TwoLayer(), ["q"], rank=2), out_dir=""), "out_dir"),
+    "randlora_layers(5)": (lambda: randopt.randlora.randlora_layers(5), "model"),
+    "merge_randlora(None)": (lambda: randopt.randlora.merge_randlora(None), "model"),
+    "unload_randlora(5)": (lambda: randopt.randlora.unload_randlora(5), "model"),
+    "squeeze_in_training(optimizer=5)": (lambda: randopt.lorasqueeze.squeeze_in_training(
+        _lora_model(), 5, rank=1), "optimizer"),
+    "load_randlora_adapter(adapter_dir=5)": (lambda: _integration("peft").load_randlora_adapter(TwoLayer(), 5),
+                                             "adapter_dir"),
+    "load_randlora_adapter(model=5)": (lambda: _integration("peft").load_randlora_adapter(5, "adapter"), "model"),
 }
+
+
+def _lora_model():
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama
+    return peft.get_peft_model(tiny_llama(torch.float32), peft.LoraConfig(r=2, target_modules=["q_proj"]))
 
 
 @pytest.mark.parametrize("call", sorted(PUBLIC_CALLS))

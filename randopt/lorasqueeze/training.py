@@ -83,6 +83,9 @@ def unwrap_optimizer(optimizer):
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) and id(optimizer) not in seen:
         seen.add(id(optimizer))
         optimizer = optimizer.optimizer
+    if not (hasattr(optimizer, "param_groups") and hasattr(optimizer, "state")):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer (or a wrapper keeping one as .optimizer) or None, "
+                         f"got {type(optimizer).__name__}")
     return optimizer
 
 

@@ -268,7 +268,7 @@ inject_randlora.__doc__ += TARGET_MODULES_DOC
 
 def randlora_layers(model: nn.Module) -> list[tuple[str, RandLoRALinear]]:
     """``(name, layer)`` of every ``RandLoRALinear`` in ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, RandLoRALinear)]
+    return [(n, m) for n, m in validation.module("model", model).named_modules() if isinstance(m, RandLoRALinear)]
 
 
 def merge_randlora(model: nn.Module) -> None:
