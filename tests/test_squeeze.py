@@ -328,8 +328,12 @@ def test_not_a_lora_adapter(tmp_path):
     (lambda p: edit_tensors(p, lambda t: [v.view(-1)[0].fill_(math.nan) for k, v in t.items()
                                           if k.endswith("q_proj.lora_A.weight")]), "non-finite"),
     (lambda p: edit_config(p, rank_pattern={"q_proj(": 4}), "not a valid regex"),
+    (lambda p: edit_config(p, alpha_pattern=5), "must be a JSON object"),
+    (lambda p: edit_config(p, use_rslora="yes"), "use_rslora must be true or false"),
+    (lambda p: edit_tensors(p, lambda t: t.update({k: v.to(torch.int32) for k, v in t.items()})),
+     "expected floating point"),
 ], ids=["no-config", "no-weights", "bad-json", "bad-safetensors", "dora", "rank-vs-config", "shapes", "unpaired",
-        "magnitude", "nan", "bad-pattern"])
+        "magnitude", "nan", "bad-pattern", "pattern-not-an-object", "rslora-not-a-bool", "integer-factors"])
 def test_damaged_adapter_directory(source_dir, damage, match):
     damage(source_dir)
     with pytest.raises(ValueError, match=match):

@@ -69,6 +69,8 @@ class SqueezeResult:
 
 def pattern_value(patterns: dict | None, name: str, default):
     """The value PEFT gives module ``name`` under ``rank_pattern``/``alpha_pattern`` (first matching key)."""
+    if patterns is not None and not isinstance(patterns, dict):
+        raise ValueError(f"rank_pattern/alpha_pattern must be a JSON object (module pattern: value), got {patterns!r}")
     for key, value in (patterns or {}).items():
         try:
             if re.match(rf"(.*\.)?({key})$", name):
@@ -226,7 +228,9 @@ def squeeze_adapter(config: dict, tensors: dict[str, torch.Tensor], rank: int | 
     """Squeeze an adapter given as ``(config, tensors)``; tensors that are not LoRA factors pass through."""
     check_target(rank, energy)
     check_alpha_policy(alpha)
-    rslora = bool(config.get("use_rslora", False))
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise ValueError(f"use_rslora must be true or false, got {rslora!r}")
     layers = lora_layers(tensors)
     factors = {key for pair in layers.values() for key in pair}
     out = {k: v for k, v in tensors.items() if k not in factors}
@@ -235,6 +239,9 @@ def squeeze_adapter(config: dict, tensors: dict[str, torch.Tensor], rank: int | 
         A, B = tensors[key_A], tensors[key_B]
         B2, A2 = _as_matrices(module, A, B)
         name = _module_name(module)
+        if not (A.is_floating_point() and B.is_floating_point()):
+            # the squeezed factors would be rounded to integers on the way out
+            raise ValueError(f"layer {name!r} has LoRA factors of dtype {A.dtype}/{B.dtype}, expected floating point")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"layer {name!r} has non-finite values (NaN or inf) in its LoRA factors")
         source_rank = A.shape[0]
