@@ -198,7 +198,8 @@ def plot(runs: list[dict]) -> list[str]:
     for field, label, name in (("peak_bytes", "peak memory over the model (MiB)", "scaling_memory.png"),
                                ("step_cpu_s", "CPU seconds per step", "scaling_time.png")):
         settings = sorted({(r["tokens"], r["dtype"]) for r in runs})
-        fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4.5), squeeze=False, sharex=True)
+        lines = {}
         for ax, (tokens, dtype) in zip(axes[0], settings):
             for method in METHODS:
                 points = sorted((r["parameters"], r[field]) for r in runs
@@ -206,11 +207,13 @@ def plot(runs: list[dict]) -> list[str]:
                 if points:
                     xs, ys = zip(*points)
                     ys = [y / MIB for y in ys] if field == "peak_bytes" else ys
-                    ax.plot(xs, ys, marker="o", label=method, linestyle="-" if method.startswith(OURS) else "--")
+                    lines[method], = ax.plot(xs, ys, marker="o", color=plt.cm.tab20(METHODS.index(method)),
+                                             linestyle="-" if method.startswith(OURS) else "--")
             ax.set(xscale="log", yscale="log", xlabel="model parameters", ylabel=label,
                    title=f"{tokens} tokens/step, {dtype} weights")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        shown = [m for m in METHODS if m in lines]  # one colour per method in every panel, one legend for all
+        axes[0][-1].legend([lines[m] for m in shown], shown, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
         fig.tight_layout()
         fig.savefig(RESULTS / name, dpi=110)
         plt.close(fig)
