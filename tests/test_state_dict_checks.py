@@ -254,3 +254,23 @@ def test_state_values_no_step_could_write_are_refused(maker):
     run_backward(2)
     optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("generators", [{"cpu": torch.zeros(3, dtype=torch.uint8)}, {"tpu:9": None}],
+                         ids=["not-a-generator-state", "unknown-device"])
+def test_rounding_generators_torch_cannot_take_are_refused_before_anything_loads(generators):
+    """They were set last, after the state had been replaced: the RuntimeError left a half-loaded optimizer."""
+    source_model, source, source_backward = trained_randlora()
+    source.zero_grad()
+    source_backward(1)
+    source.step()  # the source is one step ahead: a half load would show
+    saved = source.state_dict()
+    saved["rounding_generators"] = {key: torch.get_rng_state() if value is None else value
+                                    for key, value in generators.items()}
+    model, optimizer, run_backward = trained_randlora()
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="rounding_generators"):
+        optimizer.load_state_dict(saved)
+    assert_same(before, snapshot(model, optimizer))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups_before

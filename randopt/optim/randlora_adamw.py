@@ -760,10 +760,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         from the state dict, as in torch; state tensors are copied (never shared with ``state_dict``) and keep their
         own dtypes."""
         matched = self._checked_positions(state_dict)
-        generators = state_dict.get("rounding_generators", {})
-        if not isinstance(generators, dict) or not all(
-                isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in generators.values()):
-            raise ValueError("state_dict: rounding_generators must map devices to generator states (uint8 tensors)")
+        generators = self._saved_generators(state_dict.get("rounding_generators", {}))
         saved_state = state_dict["state"]
         self._load_group_options(state_dict)
         state = defaultdict(dict)
@@ -775,5 +772,23 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self.state = state
         self._accumulated.clear()
         self._forget_pending()
-        for key, generator_state in generators.items():
-            self._generator(torch.device(key)).set_state(generator_state.clone())
+        self._generators.update(generators)
+
+    @staticmethod
+    def _saved_generators(saved) -> dict[str, torch.Generator]:
+        """The rounding generators a state dict saved, built here, so that a state or device torch cannot take fails
+        (``ValueError``) before anything is loaded."""
+        if not isinstance(saved, dict) or not all(
+                isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in saved.values()):
+            raise ValueError("state_dict: rounding_generators must map devices to generator states (uint8 tensors)")
+        generators = {}
+        for key, generator_state in saved.items():
+            try:
+                device = torch.device(key)
+                generator = torch.Generator(device=device)
+                generator.set_state(generator_state.clone())
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"state_dict: rounding_generators[{key!r}] is not a generator state this process can "
+                                 f"use: {error}") from None
+            generators[str(device)] = generator
+        return generators
