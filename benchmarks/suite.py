@@ -395,7 +395,8 @@ def task_table(rows: list[dict], failures: list[dict], names: list[str]) -> str:
         failed.setdefault(f["method"], f["error"].splitlines()[0][:300])
     for name in names:
         if name in failed and name not in {r["method"] for r in rows}:
-            table.append([name, "failed", *["-"] * (len(headers) - 3), failed[name].replace("|", "\\|")])
+            status = "not run" if failed[name] == NOT_RUN else "failed"
+            table.append([name, status, *["-"] * (len(headers) - 3), failed[name].replace("|", "\\|")])
     return markdown_table(headers, table)
 
 
@@ -669,6 +670,9 @@ def jobs_for(args, names: list[str]) -> list[dict]:
             for seed in args.seeds for task in args.tasks for name in trained]
 
 
+NOT_RUN = "not run: not in --cache (--cache-only)"
+
+
 def cache_file_name(job: dict, method: Method) -> str:
     """The job's file in ``--cache``: a hash of the job (thread count aside) and the method's rate and options."""
     identity = {**{k: v for k, v in job.items() if k != "threads"}, "lr": method.lr, "kwargs": method.kwargs}
@@ -688,9 +692,8 @@ def cached(runner: Callable[[dict], list[dict]], cache: Path | None, only: bool 
         if path.exists():
             return [{**row, "from_cache": True} for row in json.loads(path.read_text())]
         if only:
-            message = "not run: not in --cache (--cache-only)"
-            return [{"method": job["method"], "task": job["task"], "seed": seed, "error": message,
-                     "traceback": message} for seed in job["seeds"]]
+            return [{"method": job["method"], "task": job["task"], "seed": seed, "error": NOT_RUN,
+                     "traceback": NOT_RUN} for seed in job["seeds"]]
         rows = runner(job)
         if not any("error" in r for r in rows):
             cache.mkdir(parents=True, exist_ok=True)
@@ -803,7 +806,7 @@ def main(argv=None) -> None:
                      f"{100 * majority:.1f}% of the test split.", "", table, ""]
     sections += eight_bit_section(results, tasks, names)
     sections += squeeze_section(names)
-    failures = [r for r in results if "error" in r]
+    failures = [r for r in results if "error" in r and r["error"] != NOT_RUN]
     if failures:
         sections += ["## Failures", ""]
         seen = set()
