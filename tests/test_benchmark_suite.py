@@ -151,6 +151,25 @@ def test_sweep_uses_a_validation_split(tmp_path, no_data_packages, capsys):
     assert set(validation.train) | set(validation.test) == set(full.train)
 
 
+def test_randlora_sweep_reaches_alpha_and_lr(no_data_packages, monkeypatch):
+    """The sweep tries RandLoRA's alpha as well as its rate, and a setting's alpha reaches the optimizer's groups."""
+    import randopt
+
+    alphas = {setting["alpha"] for setting in map(suite.setting_of, suite.SWEEP_GRID[suite.RANDLORA])}
+    assert alphas == {640, 64}
+    made, real = [], randopt.RandLoRAAdamW
+
+    def recorded(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(randopt, "RandLoRAAdamW", recorded)
+    row = squeeze_job(suite.RANDLORA, steps=1, setting={"alpha": 64, "lr": 2e-3})
+    [optimizer] = made
+    assert row["lr"] == 2e-3 and row["setting"] == {"alpha": 64, "lr": 2e-3}
+    assert {(g["alpha"], g["lr"]) for g in optimizer.param_groups if g["rank"] is not None} == {(64, 2e-3)}
+
+
 def test_method_names_are_identifiers_that_methods_accepts_back():
     """Every row name is an identifier (no spaces, as results files print it) and ``--methods`` takes it back."""
     assert all(name.isidentifier() for name in ALL_METHODS), [n for n in ALL_METHODS if not n.isidentifier()]
