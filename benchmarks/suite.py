@@ -818,6 +818,12 @@ def main(argv=None) -> None:
                              f["traceback"].strip()[-3000:], "```", ""]
     report = args.report or "suite"
     plots = plot(results, list(tasks), task_names, names, out, report)
+    if args.cache_only:
+        ran = f"Nothing ran: the report was assembled from `--cache` in {elapsed:.0f} s."
+    else:
+        processes = ("Jobs ran in this one process" if args.in_process else "One job process ran at a time"
+                     if args.workers <= 1 else f"{args.workers} job processes ran side by side")
+        ran = f"{processes}; the whole run took {elapsed / 60:.1f} min."
     rates = "; ".join(f"{n}: {METHODS[n].lr:g}" for n in METHODS if n in names or n in DERIVED.values())
     header = [
         "# Benchmark suite: randopt's optimizers and their peers on a real model", "",
@@ -831,11 +837,10 @@ def main(argv=None) -> None:
         f"{machine_line(args.threads)}. Load average {load_start:.1f} at the start and {load_end:.1f} at the end: "
         f"the machine is shared, so wall times carry other processes' load; CPU time per step (this process, "
         f"{args.threads} intra-op thread{'s' if args.threads > 1 else ''}) is the steadier measure of work. "
-        f"{'Jobs ran in this one process' if args.in_process else f'{args.workers} job processes ran side by side'}; "
-        f"the whole run took {elapsed / 60:.1f} min.", "",
-        *([f"{cached_rows} of {len(results)} result rows came from `--cache` (runs made earlier by the same code; "
-           "their times and memory are those runs' own, taken under the load of their time; the load averages and "
-           "run time above are this run's).", ""] if cached_rows else []),
+        + ran, "",
+        *([f"{cached_rows} of {len(results)} result rows came from `--cache` (runs made earlier with the same "
+           "method definitions, which the cache key covers; their times and memory are those runs' own, taken under "
+           "the load of their time; the load averages and run time above are this run's).", ""] if cached_rows else []),
         "Columns: test accuracy mean ± std (sample std) over seeds. Learned parameters: the values the optimizer "
         "learns (RandLoRAAdamW: the lambda/gamma coefficients of each matrix plus the head, not the weights it "
         "writes into; the squeezed row: the r8 adapter and head). Optimizer state: every tensor in "
