@@ -824,7 +824,8 @@ def main(argv=None) -> None:
         processes = ("Jobs ran in this one process" if args.in_process else "One job process ran at a time"
                      if args.workers <= 1 else f"{args.workers} job processes ran side by side")
         ran = f"{processes}; the whole run took {elapsed / 60:.1f} min."
-    rates = "; ".join(f"{n}: {METHODS[n].lr:g}" for n in METHODS if n in names or n in DERIVED.values())
+    sources = {DERIVED[n] for n in names if n in DERIVED}
+    rates = "; ".join(f"{n}: {METHODS[n].lr:g}" for n in METHODS if n in names or n in sources)
     header = [
         "# Benchmark suite: randopt's optimizers and their peers on a real model", "",
         *([SMOKE_TEST, ""] if args.quick else []),
