@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,9 +66,19 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "every caller uses check_state_dtype only to raise; none reads what it returns",
     ("randopt/_atomic.py", "return False", "return None"):
         "_exchange's one caller tests its result for truth: None and False both take the rename fallback",
+    ("randopt/optim/randlora_adamw.py", "matrix = tensor if tensor.dim() == 2 else tensor.view(tensor.shape[0], -1)",
+     "0 -> 1"): "dead code: matrix_view had no caller (since a63ffa3); removed from the library",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",
+}
+
+# (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original
+# (still counted as not killed: the distributed tests are not run per mutant)
+DISTRIBUTED_ONLY: dict[tuple[str, str, str], str] = {
+    ("randopt/optim/lorapro_adamw.py", "if not locator.distributed or self._real_step.call < 0:  # a new real step",
+     "drop not"): "in one process every step() is a real step (call stays -1); under DeepSpeed a real step spans "
+                  "several calls and the mutant resets the adjustment each time",
 }
 
 
@@ -82,6 +93,7 @@ class Mutant:
     lines: tuple[int, ...] = ()  # the mutated node's lines: a test that executes one of them runs the mutant
     statement: tuple[int, ...] = ()  # the enclosing statement's own lines, when none of ``lines`` is traced
     at_import: bool = False  # outside any function: runs once, when the module imports (in whichever test that is)
+    scope: str = ""  # the enclosing class/function, e.g. "FlatPartitions.locate"
 
     @property
     def key(self) -> str:
@@ -171,11 +183,12 @@ class _Apply(ast.NodeTransformer):
         return node
 
 
-def _statement_lines(tree: ast.AST) -> tuple[dict[int, tuple[int, ...]], set[int]]:
+def _statement_lines(tree: ast.AST) -> tuple[dict[int, tuple[int, ...]], set[int], dict[int, str]]:
     """(id(node) -> the lines of the innermost statement holding it, without the bodies of a compound statement;
-    the ids of the nodes outside every function body)."""
+    the ids of the nodes outside every function body; id(node) -> its enclosing class/function names)."""
     owner: dict[int, tuple[int, ...]] = {}
     at_import: set[int] = set()
+    scopes: dict[int, str] = {}
 
     def own_lines(statement: ast.stmt) -> tuple[int, ...]:
         bodies = [child for field in ("body", "orelse", "finalbody", "handlers") for child in
@@ -183,25 +196,27 @@ def _statement_lines(tree: ast.AST) -> tuple[dict[int, tuple[int, ...]], set[int
         end = min([b.lineno - 1 for b in bodies if b.lineno > statement.lineno] + [statement.end_lineno])
         return tuple(range(statement.lineno, max(end, statement.lineno) + 1))
 
-    def visit(node: ast.AST, lines: tuple[int, ...], in_function: bool) -> None:
+    def visit(node: ast.AST, lines: tuple[int, ...], in_function: bool, scope: str) -> None:
         if isinstance(node, ast.stmt):
             lines = own_lines(node)
-        owner[id(node)] = lines
+        owner[id(node)], scopes[id(node)] = lines, scope
         if not in_function:
             at_import.add(id(node))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            scope = f"{scope}.{node.name}" if scope else node.name
         for child in ast.iter_child_nodes(node):
             body = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and child in node.body
-            visit(child, lines, in_function or body or isinstance(node, ast.Lambda))
+            visit(child, lines, in_function or body or isinstance(node, ast.Lambda), scope)
 
-    visit(tree, (), False)
-    return owner, at_import
+    visit(tree, (), False, "")
+    return owner, at_import, scopes
 
 
 def mutants_of(module: str) -> list[Mutant]:
     source = (REPO / module).read_text()
     lines = source.splitlines()
     tree = ast.parse(source)
-    statements, at_import = _statement_lines(tree)
+    statements, at_import, scopes = _statement_lines(tree)
     seen: dict[tuple[str, str], int] = {}
     mutants = []
     for i, (node, description, _) in enumerate(_points(tree)):
@@ -209,7 +224,7 @@ def mutants_of(module: str) -> list[Mutant]:
         occurrence = seen[text, description] = seen.get((text, description), -1) + 1
         span = tuple(range(node.lineno, (node.end_lineno or node.lineno) + 1))
         mutants.append(Mutant(module, i, node.lineno, description, text, occurrence, span, statements[id(node)],
-                              id(node) in at_import))
+                              id(node) in at_import, scopes[id(node)]))
     return mutants
 
 
@@ -542,8 +557,15 @@ def _wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
+def _table_key(result: dict) -> tuple[str, str, str]:
+    return result["module"], result["source_line"], result["mutation"]
+
+
 def _equivalent(result: dict) -> str | None:
-    return EQUIVALENT.get((result["module"], result["source_line"], result["mutation"]))
+    number = re.fullmatch(r"(\d+) -> \d+", result["mutation"])
+    if number and f"stacklevel={number[1]})" in result["source_line"]:
+        return "a warning's stacklevel: only the frame the warning is attributed to changes"
+    return EQUIVALENT.get(_table_key(result))
 
 
 def write_report(cache: dict) -> None:
@@ -598,6 +620,7 @@ def write_report(cache: dict) -> None:
                   f"(median {sorted(r['tests'] for r in run_ones)[len(run_ones) // 2]} per mutant; -x stops at the "
                   f"first failure); wall time per mutant median {seconds[len(seconds) // 2]:.1f} s, total "
                   f"{sum(seconds) / 60:.0f} min, on a shared 2-core machine (timings only say what a run costs)."]
+    scopes = {m.key: m.scope for module in modules if (REPO / module).exists() for m in mutants_of(module)}
     for title, rows, empty in (
             ("Survivors", survivors, "None."),
             ("Uncovered (no fast test executes the line)", uncovered, "None."),
@@ -606,10 +629,13 @@ def write_report(cache: dict) -> None:
         if not rows:
             lines.append(empty)
         for r in sorted(rows, key=lambda r: (r["module"], r["line"])):
-            reason = _equivalent(r)
-            verdict = f"equivalent: {reason}" if reason else (
-                f"killed by `{r['killer']}`" if r["outcome"] == "killed" else "**not killed: a test gap**")
-            lines.append(f"- `{r['module']}:{r['line']}` {r['mutation']} in `{r['source_line']}`: {verdict}")
+            reason, distributed = _equivalent(r), DISTRIBUTED_ONLY.get(_table_key(r))
+            verdict = f"equivalent: {reason}" if reason else f"killed by `{r['killer']}`" if r["outcome"] == "killed" \
+                else f"not killed, only the distributed tests can tell: {distributed}" if distributed \
+                else "**not killed: a test gap**"
+            scope = r.get("scope") or scopes.get(f"{r['module']}:{r['source_line']}:{r['mutation']}:{r.get('occurrence')}")
+            lines.append(f"- `{r['module']}:{r['line']}` ({scope or 'module level'}) {r['mutation']} in "
+                         f"`{r['source_line']}`: {verdict}")
     lines += ["", "## What is not run", "",
               "- Tests marked `slow` or `distributed` (torchrun launches take minutes each): code reached only by "
               "them (the DeepSpeed and FSDP paths of the optimizers) shows up as uncovered or survives here.",

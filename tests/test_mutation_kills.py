@@ -2,6 +2,7 @@
 (issue 13, item 8; benchmarks/mutation.py finds more): each test fails on that deliberate bug."""
 import copy
 import os
+import shutil
 import types
 import warnings
 
@@ -464,3 +465,70 @@ def test_inject_randlora_refuses_a_bad_rank_before_touching_the_model(rank):
         randopt.inject_randlora(model, LLAMA_TARGETS, rank=rank)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_a_failed_cleanup_of_the_replaced_copy_does_not_fail_the_write(tmp_path, monkeypatch):
+    """Once OUT holds the new files, removing the old copy is best effort (a leftover is removed by the next write)."""
+    from randopt import _atomic
+
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", path)
+
+    def write(text):
+        return lambda d: open(os.path.join(d, "a"), "w").write(text)
+
+    _atomic.write_directory(tmp_path / "out", write("old"), overwrite=False, owner_file="a")
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    _atomic.write_directory(tmp_path / "out", write("new"), overwrite=True, owner_file="a")
+    assert (tmp_path / "out" / "a").read_text() == "new"
+
+
+def test_span_rectangles_tile_any_run_of_a_row_major_matrix():
+    from randopt.optim.locators import Span, span_blocks, span_rectangles
+
+    for cols in (1, 3, 5):
+        for start in range(0, 3 * cols):
+            for numel in range(0, 3 * cols + 2):
+                covered = [(row, col + i) for offset, row, col, rows, width in span_rectangles(start, numel, cols)
+                           for row in range(row, row + rows) for i in range(width)]
+                assert covered == [divmod(k, cols) for k in range(start, start + numel)], (start, numel, cols)
+    matrix = torch.arange(4 * 5 * 2.0).view(4, 5, 2)  # a conv-like weight: rows of 10 elements
+    span = Span(7, matrix.view(-1)[7:33], None)
+    blocks = span_blocks(span, matrix.shape)
+    flat = matrix.view(4, 10)
+    assert all(torch.equal(b.weight, flat[b.row_start:b.row_start + b.weight.shape[0],
+                                          b.col_start:b.col_start + b.weight.shape[1]]) for b in blocks)
+    assert sum(b.weight.numel() for b in blocks) == 26
+
+
+def test_deepspeed_initialize_without_a_config_is_plain_deepspeed(monkeypatch):
+    deepspeed = pytest.importorskip("deepspeed")
+    from randopt.integrations import deepspeed as plugin
+
+    calls = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kwargs: calls.append(kwargs) or (None, None, None, None))
+    model = torch.nn.Linear(3, 2)
+    plugin.initialize(model=model, config=None, model_parameters=[])
+    assert calls == [{"model": model, "config": None, "model_parameters": []}]
+
+
+def test_export_lora_takes_zero_oversampling_and_power_iterations():
+    from randopt.lorasqueeze import export_lora
+
+    model = tiny_llama()
+    randopt.inject_randlora(model, LLAMA_TARGETS, rank=2)
+    for module in model.modules():
+        if hasattr(module, "randlora_lambda"):
+            torch.nn.init.normal_(module.randlora_lambda)
+    result = export_lora(model, rank=1, method="randomized", oversample=0, power_iters=0)
+    assert {layer.rank for layer in result.layers} == {1}
+
+
+def test_an_energy_target_that_keeps_everything_reports_the_layers_left_as_they_were():
+    from randopt.lorasqueeze import squeeze_in_training
+
+    model = lora_llama()
+    report = squeeze_in_training(model, torch.optim.AdamW(model.parameters()), energy=1.0)
+    assert len(report.layers) == 8 and all(layer.rank == layer.source_rank == 2 for layer in report.layers)
+    assert all(layer.energy == pytest.approx(1.0) for layer in report.layers)

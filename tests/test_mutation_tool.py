@@ -55,6 +55,12 @@ def test_report_scores_killed_over_non_equivalent(tmp_path, monkeypatch):
     assert "equivalent: unused" in report and "**not killed: a test gap**" in report
 
 
+def test_a_changed_warning_stacklevel_is_equivalent():
+    result = {"module": "m.py", "source_line": '"text", stacklevel=2)', "mutation": "2 -> 3"}
+    assert "stacklevel" in mutation._equivalent(result)
+    assert mutation._equivalent({**result, "source_line": "x = f(2, stacklevel=3)"}) is None
+
+
 def _mutant(line, lines, statement=()):
     return mutation.Mutant("m.py", 0, line, "Add -> Sub", "x", 0, tuple(lines), tuple(statement))
 
