@@ -68,6 +68,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "_exchange's one caller tests its result for truth: None and False both take the rename fallback",
     ("randopt/optim/randlora_adamw.py", "matrix = tensor if tensor.dim() == 2 else tensor.view(tensor.shape[0], -1)",
      "0 -> 1"): "dead code: matrix_view had no caller (since a63ffa3); removed from the library",
+    ("randopt/randlora/sparse.py", "SPARSE_COST = 4.5", "4.5 -> 5.5"):
+        "a cost-model weight (measured by benchmarks/sparse_speed.py): it picks between routes that compute the same "
+        "products (tests/test_sparse_bases.py checks they agree); only the speed changes",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",

@@ -532,3 +532,23 @@ def test_an_energy_target_that_keeps_everything_reports_the_layers_left_as_they_
     report = squeeze_in_training(model, torch.optim.AdamW(model.parameters()), energy=1.0)
     assert len(report.layers) == 8 and all(layer.rank == layer.source_rank == 2 for layer in report.layers)
     assert all(layer.energy == pytest.approx(1.0) for layer in report.layers)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+@pytest.mark.parametrize("deficient", ["A", "both"])
+def test_rank_deficient_factors_of_any_magnitude_give_the_exact_projection(deficient, scale):
+    """The singular part of the Sylvester solve is cut relative to the largest Gram eigenvalue: factors scaled by
+    1e3 or 1e-3 (eigenvalues 1e6 or 1e-6) still drop their rounding-noise directions."""
+    from randopt.lorapro import adjust_gradients, equivalent_gradient
+    from randopt.lorapro.functional import lora_gradients
+    from test_lorapro import dense_projection, random_problem
+
+    A, B, g, s = random_problem(7, 6, 3, seed=5)
+    A[2] = 2 * A[0] - A[1]
+    if deficient == "both":
+        B[:, 1] = B[:, 0]
+    A, B = A * scale, B * scale
+    gA_lora, gB_lora = lora_gradients(A, B, g, s)
+    gA, gB = adjust_gradients(A, B, gA_lora, gB_lora, s)
+    assert torch.isfinite(gA).all() and torch.isfinite(gB).all()
+    torch.testing.assert_close(equivalent_gradient(A, B, gA, gB, s), dense_projection(g, A, B), rtol=0, atol=1e-8)
