@@ -552,3 +552,28 @@ def test_rank_deficient_factors_of_any_magnitude_give_the_exact_projection(defic
     gA, gB = adjust_gradients(A, B, gA_lora, gB_lora, s)
     assert torch.isfinite(gA).all() and torch.isfinite(gB).all()
     torch.testing.assert_close(equivalent_gradient(A, B, gA, gB, s), dense_projection(g, A, B), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("key", ["r", "lora_alpha"])
+def test_a_lora_config_with_a_zero_rank_or_alpha_is_refused(key):
+    from randopt.lorasqueeze.adapters import check_lora_config
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
+    check_lora_config(config, "adapter")
+    with pytest.raises(ValueError, match=f"adapter has {key}=0, expected a positive number"):
+        check_lora_config({**config, key: 0}, "adapter")
+
+
+def test_an_optimizer_group_with_a_matrix_the_adapter_bases_do_not_cover_is_refused(tmp_path):
+    """The imported bases are shared by the whole group: a matrix of that group outside the adapter (here 50 x 16,
+    beyond the adapter's bases of 40 x 40) must fit them too."""
+    from test_peft_interop import ALPHA, LR, RANK, assert_refused, base_model, trained
+
+    from randopt.integrations.peft import export_randlora_adapter
+
+    adapter = export_randlora_adapter(*trained("llama-linear", steps=1), tmp_path / "adapter")
+    model = base_model("llama-linear")
+    groups = randopt.param_groups(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA)
+    groups[0]["params"].append(torch.nn.Parameter(torch.zeros(50, 16, dtype=torch.float64)))
+    wider = randopt.RandLoRAAdamW(groups, lr=LR)
+    assert_refused(adapter, "llama-linear", r"also trains a matrix of shape \(out=50, in=16\)", model=model, opt=wider)
