@@ -515,6 +515,11 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
     try:
         for n, mutant in enumerate(todo, 1):
             tests, selection = coverage.tests_for(mutant)
+            previous = results.get(mutant.key, {})
+            if rerun_survivors and _same_selection(previous, tests, selection):
+                print(f"[{n}/{len(todo)}] unchanged  {mutant.module}:{mutant.line} {mutant.mutation}: no new test "
+                      "executes it", flush=True)
+                continue
             tests = _ordered(tests, coverage.seconds, killers[mutant.module])
             expected = sum(coverage.seconds.get(t, 10) for t in tests)
             if not tests:
@@ -532,9 +537,9 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
                 killer = _first_failure(root / ".pytest.log") if outcome == "killed" else None
                 if killer:
                     killers[mutant.module][killer] += 1
-            previous = results.get(mutant.key, {})
             results[mutant.key] = {**asdict(mutant), "outcome": outcome, "seconds": round(seconds, 1),
-                                   "selection": selection, "tests": len(tests), "killer": killer,
+                                   "selection": selection, "tests": len(tests), "selected": _digest_of(tests),
+                                   "killer": killer,
                                    "previous": previous.get("outcome"),
                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             CACHE.write_text(json.dumps(cache, indent=1, sort_keys=True))
@@ -542,6 +547,18 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
                   f"{mutant.module}:{mutant.line} {mutant.mutation}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _digest_of(tests: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(tests)).encode()).hexdigest()[:16]
+
+
+def _same_selection(previous: dict, tests: list[str], selection: str) -> bool:
+    """Whether a rerun would run the very tests the previous run did (results written before the digest was kept:
+    the same number of tests chosen the same way, the test map being deterministic)."""
+    if previous.get("selected"):
+        return previous["selected"] == _digest_of(tests)
+    return previous.get("tests") == len(tests) and previous.get("selection") == selection
 
 
 def _first_failure(log: Path) -> str | None:

@@ -111,3 +111,12 @@ def test_the_interval_holds_the_score():
     low, high = mutation._wilson(95, 100)
     assert low < 0.95 < high and 0.88 < low and high < 0.98
     assert mutation._wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_a_rerun_skips_a_survivor_that_no_new_test_executes():
+    tests = ["t::a", "t::b"]
+    ran = {"selected": mutation._digest_of(tests), "tests": 2, "selection": "line"}
+    assert mutation._same_selection(ran, list(reversed(tests)), "line")
+    assert not mutation._same_selection(ran, tests + ["t::new"], "line")
+    assert mutation._same_selection({"tests": 0, "selection": "uncovered"}, [], "uncovered")
+    assert not mutation._same_selection({"tests": 2, "selection": "line"}, tests, "import")
