@@ -71,6 +71,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/randlora/sparse.py", "SPARSE_COST = 4.5", "4.5 -> 5.5"):
         "a cost-model weight (measured by benchmarks/sparse_speed.py): it picks between routes that compute the same "
         "products (tests/test_sparse_bases.py checks they agree); only the speed changes",
+    ("randopt/lorapro/functional.py", "return max(rank, 1) * torch.finfo(working_dtype(dtype)).eps", "1 -> 2"):
+        "changes the cut only for rank 1, from 1 to 2 machine epsilons of the largest eigenvalue: a 1 x 1 Gram has "
+        "one eigenvalue, the largest, which is never cut",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",

@@ -209,6 +209,8 @@ def test_the_cli_table_has_its_rule_under_the_header():
                                                                                           0.5)]).splitlines()
     assert table[0].startswith("layer") and set(table[1]) == {"-", " "} and table[2].startswith("q ")
     assert len(table) == 4
+    assert table[2].startswith("q      ") and table[2].endswith("0.900000")  # names left, numbers right-aligned
+    assert table[0].split()[-2:] == ["energy", "kept"] and table[0].endswith("energy kept")
 
 
 def test_atomic_writes_close_every_descriptor_they_open(tmp_path):
@@ -577,3 +579,23 @@ def test_an_optimizer_group_with_a_matrix_the_adapter_bases_do_not_cover_is_refu
     groups[0]["params"].append(torch.nn.Parameter(torch.zeros(50, 16, dtype=torch.float64)))
     wider = randopt.RandLoRAAdamW(groups, lr=LR)
     assert_refused(adapter, "llama-linear", r"also trains a matrix of shape \(out=50, in=16\)", model=model, opt=wider)
+
+
+def test_seeds_are_refused_outside_the_64_bit_range():
+    from randopt import validation
+
+    assert validation.seed("seed", 2 ** 64 - 1) == 2 ** 64 - 1 and validation.seed("seed", -(2 ** 63)) == -(2 ** 63)
+    for bad in (2 ** 64, -(2 ** 63) - 1):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            validation.seed("seed", bad)
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"alora_invocation_tokens": [1]}], ids=["DoRA", "aLoRA"])
+def test_squeezing_a_lora_variant_is_refused(variant):
+    """Any PEFT LoRA variant (DoRA sets ``use_dora`` and ``lora_variant``, aLoRA only ``lora_variant``)."""
+    peft = pytest.importorskip("peft")
+    from randopt.lorasqueeze import squeeze_in_training
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], **variant))
+    with pytest.raises(ValueError, match="uses a LoRA variant"):
+        squeeze_in_training(model, torch.optim.AdamW(model.parameters()), rank=1)
