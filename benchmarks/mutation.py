@@ -397,7 +397,8 @@ class CoverageMap:
 
     def __init__(self, traces: dict[str, dict]):
         self.lines: dict[str, dict[int, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
-        self.import_lines: dict[str, set[int]] = collections.defaultdict(set)
+        # lines run while a test file was collected (its imports) -> that file's tests
+        self.collected_by: dict[str, dict[int, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
         self.seconds: dict[str, float] = {}
         self.failed: list[str] = []
         for trace in traces.values():
@@ -407,7 +408,9 @@ class CoverageMap:
                     continue
                 for module, lines in modules.items():
                     if context == IMPORT_CONTEXT:
-                        self.import_lines[module].update(lines)
+                        file_tests = {t for t in trace["seconds"] if t not in trace["failed"]}
+                        for line in lines:
+                            self.collected_by[module][line] |= file_tests
                     else:
                         for line in lines:
                             self.lines[module][line].add(context)
@@ -424,8 +427,10 @@ class CoverageMap:
             tests = set().union(*(executed.get(line, ()) for line in span))
             if tests:
                 return sorted(tests), "line"
-        if self.import_lines.get(mutant.module, set()) & set(mutant.lines + mutant.statement):
-            return sorted(set().union(*executed.values())), "import"
+        collected = self.collected_by.get(mutant.module, {})
+        tests = set().union(*(collected.get(line, ()) for line in mutant.lines + mutant.statement))
+        if tests:  # run only while test files were collected (e.g. a module __getattr__ behind their imports)
+            return sorted(tests), "import"
         return [], "uncovered"
 
 

@@ -525,6 +525,7 @@ def test_export_lora_takes_zero_oversampling_and_power_iterations():
             torch.nn.init.normal_(module.randlora_lambda)
     result = export_lora(model, rank=1, method="randomized", oversample=0, power_iters=0)
     assert {layer.rank for layer in result.layers} == {1}
+    assert result.config["init_lora_weights"] is True and result.config["use_dora"] is False  # PEFT's defaults
 
 
 def test_an_energy_target_that_keeps_everything_reports_the_layers_left_as_they_were():
@@ -562,6 +563,7 @@ def test_a_lora_config_with_a_zero_rank_or_alpha_is_refused(key):
 
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
     check_lora_config(config, "adapter")
+    check_lora_config({**config, "r": 1, "lora_alpha": 0.5}, "adapter")  # any positive number
     with pytest.raises(ValueError, match=f"adapter has {key}=0, expected a positive number"):
         check_lora_config({**config, key: 0}, "adapter")
 
