@@ -284,9 +284,10 @@ def _preload() -> None:
     assert "randopt" not in sys.modules, "the parent must not import randopt: each child imports its mutant"
 
 
-def _forked_pytest(root: Path, args: list[str], timeout: float, plugins=()) -> tuple[int | None, float]:
+def _forked_pytest(root: Path, args: list[str], timeout: float, plugins=()) -> tuple[int | None, float, float]:
     """pytest.main(args) in a child forked from this process, inside ``root``: (exit code or None on timeout,
-    seconds). The child and whatever it starts are killed as a group at the time limit."""
+    wall seconds, CPU seconds of the child). The child and whatever it starts are killed as a group at the time
+    limit."""
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -313,7 +314,7 @@ def _forked_pytest(root: Path, args: list[str], timeout: float, plugins=()) -> t
             os._exit(code)
     deadline = start + timeout
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
             code = os.waitstatus_to_exitcode(status)
             break
@@ -326,8 +327,8 @@ def _forked_pytest(root: Path, args: list[str], timeout: float, plugins=()) -> t
     except (ProcessLookupError, PermissionError):
         pass
     if code is None:
-        os.waitpid(pid, 0)
-    return code, time.perf_counter() - start
+        usage = os.wait4(pid, 0)[2]
+    return code, time.perf_counter() - start, usage.ru_utime + usage.ru_stime
 
 
 # ----- coverage: which tests execute which lines ----------------------------------------------------------------
@@ -451,7 +452,7 @@ def coverage_map(timeout: float = 3600) -> CoverageMap:
             files = {str(_installed_path(root, m)): m for m in all_modules()}
             out = root / ".trace.json"
             out.unlink(missing_ok=True)
-            code, seconds = _forked_pytest(root, ["-p", "no:randomly", name], timeout, [_LineTracer(files, out)])
+            code, seconds, _ = _forked_pytest(root, ["-p", "no:randomly", name], timeout, [_LineTracer(files, out)])
             trace = json.loads(out.read_text()) if out.exists() else {"seconds": {}, "failed": [], "hits": {}}
             print(f"traced {name}: exit {code}, {len(trace['seconds'])} tests, {len(trace['failed'])} failed, "
                   f"{seconds:.0f}s", flush=True)
@@ -531,14 +532,15 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
             tests = _ordered(tests, coverage.seconds, killers[mutant.module])
             expected = sum(coverage.seconds.get(t, 10) for t in tests)
             if not tests:
-                outcome, seconds, killer = "uncovered", 0.0, None
+                outcome, seconds, cpu, killer = "uncovered", 0.0, 0.0, None
             else:
                 path = _installed_path(root, mutant.module)
                 original = path.read_text()
                 path.write_text(mutated_source(mutant))
                 try:
                     files = sorted({t.split("::")[0] for t in tests})
-                    code, seconds = _forked_pytest(root, ["-x", "-rf", *files], 120 + 3 * expected, [_Select(tests)])
+                    code, seconds, cpu = _forked_pytest(root, ["-x", "-rf", *files], 120 + 3 * expected,
+                                                        [_Select(tests)])
                 finally:
                     path.write_text(original)
                 outcome = _outcome(code)
@@ -546,6 +548,7 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
                 if killer:
                     killers[mutant.module][killer] += 1
             results[mutant.key] = {**asdict(mutant), "outcome": outcome, "seconds": round(seconds, 1),
+                                   "cpu_seconds": round(cpu, 1), "load": round(os.getloadavg()[0], 1),
                                    "selection": selection, "tests": len(tests), "selected": _digest_of(tests),
                                    "killer": killer,
                                    "previous": previous.get("outcome"),
@@ -648,6 +651,12 @@ def write_report(cache: dict) -> None:
                   f"(median {sorted(r['tests'] for r in run_ones)[len(run_ones) // 2]} per mutant; -x stops at the "
                   f"first failure); wall time per mutant median {seconds[len(seconds) // 2]:.1f} s, total "
                   f"{sum(seconds) / 60:.0f} min, on a shared 2-core machine (timings only say what a run costs)."]
+        timed = [r for r in run_ones if "cpu_seconds" in r]
+        if timed:
+            loads = sorted(r["load"] for r in timed)
+            lines[-1] += (f" CPU time, recorded for {len(timed)} of them: {sum(r['cpu_seconds'] for r in timed) / 60:.0f} "
+                          f"min against {sum(r['seconds'] for r in timed) / 60:.0f} min wall (1-minute load average "
+                          f"{loads[0]:.1f}-{loads[-1]:.1f}, median {loads[len(loads) // 2]:.1f}).")
     scopes = {m.key: m.scope for module in modules if (REPO / module).exists() for m in mutants_of(module)}
     for title, rows, empty in (
             ("Survivors", survivors, "None."),
