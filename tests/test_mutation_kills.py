@@ -601,3 +601,22 @@ def test_squeezing_a_lora_variant_is_refused(variant):
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], **variant))
     with pytest.raises(ValueError, match="uses a LoRA variant"):
         squeeze_in_training(model, torch.optim.AdamW(model.parameters()), rank=1)
+
+
+def test_the_optimizers_default_to_torch_adamw_hyper_parameters():
+    """A swap-in for ``torch.optim.AdamW``: the same lr, betas, eps and weight_decay when none is given."""
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).defaults
+    ours = [randopt.RandLoRAAdamW([torch.nn.Linear(6, 5).weight], rank=2).defaults,
+            randopt.LoRAProAdamW(lora_llama()).defaults]
+    for defaults in ours:
+        assert {k: defaults[k] for k in ("lr", "betas", "eps", "weight_decay")} == \
+            {k: adamw[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+def test_traffic_is_counted_from_zero_and_one_process_communicates_nothing():
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=2, data_parallel=True)
+    assert opt.communicated == {"all_reduces": 0, "bytes": 0}
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    assert opt.communicated == {"all_reduces": 0, "bytes": 0}
