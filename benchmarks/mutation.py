@@ -74,6 +74,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/lorapro/functional.py", "return max(rank, 1) * torch.finfo(working_dtype(dtype)).eps", "1 -> 2"):
         "changes the cut only for rank 1, from 1 to 2 machine epsilons of the largest eigenvalue: a 1 x 1 Gram has "
         "one eigenvalue, the largest, which is never cut",
+    ("randopt/randlora/bases.py", "bound_A, bound_B = 1 / math.sqrt(d), 1 / math.sqrt(rank)", "1 -> 2"):
+        "doubles a bound: the draw is scaled by exactly 2 (a power of two) and _unit_std divides that out again, so "
+        "the bases are bit-identical",
+    ("randopt/randlora/bases.py", "_dense: dict = field(default_factory=dict, compare=False, repr=False)",
+     "False -> True"): "options of a per-dtype cache field: LayerBases are never compared (their tensor fields make "
+                       "== raise) and repr would only show the cache",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",

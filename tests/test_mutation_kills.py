@@ -620,3 +620,59 @@ def test_traffic_is_counted_from_zero_and_one_process_communicates_nothing():
     model(torch.randn(3, 6)).sum().backward()
     opt.step()
     assert opt.communicated == {"all_reduces": 0, "bytes": 0}
+
+
+def test_the_trainable_set_freezes_the_rest_unless_asked():
+    from randopt.trainable import apply_trainable_set
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    plain = apply_trainable_set(model, [model[0].weight])
+    assert plain == [] and not model[0].bias.requires_grad and not model[1].weight.requires_grad
+    assert len(apply_trainable_set(model, [model[0].weight], train_rest=True)) == 0  # frozen stays frozen
+
+
+def test_the_trainable_summary_lists_six_plain_names_and_counts_more():
+    from randopt.trainable import TrainableSummary
+
+    six = str(TrainableSummary(10, 100, [], [f"p{i}" for i in range(6)]))
+    assert "p5" in six and "in all" not in six
+    seven = str(TrainableSummary(10, 100, [], [f"p{i}" for i in range(7)]))
+    assert "p5, ... (7 in all)" in seven and "p6" not in seven
+
+
+def test_factor_maps_are_immutable():
+    import dataclasses
+
+    from randopt.lorasqueeze.functional import factor_maps, factored_svd
+
+    B, A = torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    maps = factor_maps(factored_svd(B, A, 2.0), 2, 2.0, 2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        maps.A_map = None
+
+
+def _conv_lora():
+    peft = pytest.importorskip("peft")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+
+
+def test_a_conv_lora_pair_is_not_squeezed_and_lorapro_gives_it_plain_adamw():
+    from randopt.lorasqueeze import squeeze_in_training
+
+    model = _conv_lora()
+    with pytest.raises(ValueError, match="is not a linear LoRA pair"):
+        squeeze_in_training(model, torch.optim.AdamW(model.parameters()), rank=1)
+    with pytest.warns(UserWarning, match="is not a plain 2-D LoRA pair"):
+        opt = randopt.LoRAProAdamW(model, lr=1e-2)
+    assert [g["name"] for g in opt.param_groups if g["lora_scale"] is not None] == ["base_model.model.2:default"]
+
+
+def test_an_adapter_whose_metadata_contradicts_its_basis_flags_is_refused(tmp_path):
+    from test_peft_interop import assert_refused, rewrite_weights, trained
+
+    from randopt.integrations.peft import export_randlora_adapter
+
+    adapter = export_randlora_adapter(*trained("llama-linear", steps=1), tmp_path / "adapter")
+    rewrite_weights(adapter, change_metadata=lambda meta: meta.update(basis_kind="sparse"))
+    assert_refused(adapter, "llama-linear", "flags say 'dense' bases, the randopt metadata says 'sparse'")
