@@ -64,8 +64,6 @@ PRELOAD = ("torch", "numpy", "pytest", "hypothesis", "safetensors", "transformer
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/optim/state.py", "return state_dtype", "return None"):
         "every caller uses check_state_dtype only to raise; none reads what it returns",
-    ("randopt/_atomic.py", "return False", "return None"):
-        "_exchange's one caller tests its result for truth: None and False both take the rename fallback",
     ("randopt/optim/randlora_adamw.py", "matrix = tensor if tensor.dim() == 2 else tensor.view(tensor.shape[0], -1)",
      "0 -> 1"): "dead code: matrix_view had no caller (since a63ffa3); removed from the library",
     ("randopt/randlora/sparse.py", "SPARSE_COST = 4.5", "4.5 -> 5.5"):

@@ -676,3 +676,22 @@ def test_an_adapter_whose_metadata_contradicts_its_basis_flags_is_refused(tmp_pa
     adapter = export_randlora_adapter(*trained("llama-linear", steps=1), tmp_path / "adapter")
     rewrite_weights(adapter, change_metadata=lambda meta: meta.update(basis_kind="sparse"))
     assert_refused(adapter, "llama-linear", "flags say 'dense' bases, the randopt metadata says 'sparse'")
+
+
+def test_without_renameat2_an_overwrite_falls_back_to_two_renames(tmp_path, monkeypatch):
+    """Where the C library has no renameat2 (non-glibc, old kernels): OUT is swapped by two renames, still old or
+    new, and nothing is left beside it."""
+    from randopt import _atomic
+
+    def write(text):
+        return lambda d: open(os.path.join(d, "a"), "w").write(text)
+
+    _atomic.write_directory(tmp_path / "out", write("old"), overwrite=False, owner_file="a")
+    monkeypatch.setattr(_atomic.ctypes, "CDLL", lambda *args, **kwargs: types.SimpleNamespace())
+    _atomic._renameat2.cache_clear()
+    try:
+        assert _atomic._renameat2() is None and _atomic._exchange(str(tmp_path / "x"), str(tmp_path / "y")) is False
+        _atomic.write_directory(tmp_path / "out", write("new"), overwrite=True, owner_file="a")
+    finally:
+        _atomic._renameat2.cache_clear()
+    assert (tmp_path / "out" / "a").read_text() == "new" and os.listdir(tmp_path) == ["out"]
