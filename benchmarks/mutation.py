@@ -519,6 +519,7 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
     else:
         todo = [m for m in mutants if m.key not in results]
     coverage = coverage_map()
+    cache["failing_unmutated"] = coverage.failed
     if coverage.failed:
         print(f"{len(coverage.failed)} test(s) fail unmutated and are never selected: {coverage.failed}", flush=True)
     print(f"{len(todo)} mutants to run", flush=True)
@@ -685,6 +686,9 @@ def write_report(cache: dict) -> None:
               "uncovered.",
               "- A fixture shared by several tests is traced in the first test that sets it up: the others are not "
               "selected for mutants of the fixture's lines."]
+    if cache.get("failing_unmutated"):
+        lines.append("- Tests that fail in the scratch copy without any mutation are never selected: "
+                     + ", ".join(f"`{t}`" for t in cache["failing_unmutated"]) + ".")
     REPORT.write_text("\n".join(lines) + "\n")
 
 
