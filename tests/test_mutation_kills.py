@@ -695,3 +695,19 @@ def test_without_renameat2_an_overwrite_falls_back_to_two_renames(tmp_path, monk
     finally:
         _atomic._renameat2.cache_clear()
     assert (tmp_path / "out" / "a").read_text() == "new" and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("energy", [0.0, 1.5, "0.9"])
+def test_select_rank_checks_the_energy(energy):
+    from randopt.lorasqueeze.functional import select_rank
+
+    with pytest.raises(ValueError, match="energy"):
+        select_rank(torch.tensor([3.0, 2.0, 1.0]), energy)
+
+
+def test_load_coefficients_refuses_a_parameter_that_is_not_one_of_its_matrices():
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([{"params": [model.weight], "rank": 2}, {"params": [model.bias], "rank": None}])
+    for param in (torch.nn.Parameter(torch.zeros(5, 6)), model.bias):
+        with pytest.raises(ValueError, match="not a matrix of a RandLoRA group"):
+            opt.load_coefficients(param, torch.zeros(2), torch.zeros(2))
