@@ -8,9 +8,11 @@ fp32 and bf16 weights, for every method next to full fine-tuning.
 Each (method, size, tokens, dtype) runs in a fresh process: build the model, wrap it for the method, run two
 training steps (the second is the steady state: optimizer state exists while activations and gradients live) and
 report the peak RSS growth over the base model (``VmHWM`` reset after the model is built), the bytes of the
-optimizer state and of the trained parameters' gradients by the tensors' own accounting, and the CPU time of the
-second step. Finished runs are kept in ``results/scaling.json`` so that an interrupted sweep resumes where it
-stopped; ``results/scaling.md`` and the two plots are rewritten from all finished runs.
+optimizer state, of the bases, of the trained parameters' gradients and of what autograd saved for backward by the
+tensors' own accounting, and the CPU time of the second step. Finished runs are kept in ``results/scaling.json``
+so that an interrupted sweep resumes where it stopped; ``results/scaling.md`` (tables per setting, the issue's
+target from 100M up, what holds the memory, what was not run) and the two plots are rewritten from all finished
+runs.
 """
 from __future__ import annotations
 
