@@ -117,7 +117,8 @@ def build(method: str, model):
                   {"params": target_weights(model), "rank": GALORE_RANK, "update_proj_gap": 200, "scale": 0.25,
                    "proj_type": "std"}]
         return model, GaLoreAdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY, no_deprecation_warning=True)
-    groups = randopt.param_groups(model, TARGETS, rank=RANK)
+    # train_rest: the biases and LayerNorms set_trainable left trainable go to a plain AdamW group, as in every method
+    groups = randopt.param_groups(model, TARGETS, rank=RANK, train_rest=True)
     return model, randopt.RandLoRAAdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY, fused_backward=method == FUSED)
 
 
@@ -479,7 +480,7 @@ def report(args, cfg, machine, repeats, times, opt_seconds, first_step, states, 
         "PEFT LoRA: r 32, alpha 64; PEFT RandLora: r 32, PEFT's defaults (alpha 640, bases as PEFT creates them); "
         f"both with `torch.optim.AdamW`. GaLoreAdamW (galore-torch): rank {GALORE_RANK}, update_proj_gap 200, "
         "scale 0.25, 'std' projection on the target weights, the other parameters in a plain group, as galore-torch's "
-        "README shows. RandLoRAAdamW: `randopt.param_groups(model, targets, rank=32)` (alpha 640), plain model.",
+        "README shows. RandLoRAAdamW: `randopt.param_groups(model, targets, rank=32, train_rest=True)` (alpha 640; the biases and LayerNorms in a plain AdamW group), plain model.",
         "",
         "Step = forward + cross-entropy + backward + `optimizer.step()` + `zero_grad(set_to_none=True)`. After one "
         f"untimed step per method (the warm-up, at {small:,} tokens), {' and '.join(str(r) for r in repeats)} timed "

@@ -182,6 +182,20 @@ def test_adamw_steps_equals_adamw_step_on_each_tensor():
         assert all(torch.equal(b, s) for b, s in zip(batched, single))
 
 
+def test_out_of_place_moments_and_a_scratch_denominator_equal_the_in_place_rule():
+    from randopt.optim.functional import adam_direction, adamw_step_, updated_moments
+
+    generator = torch.Generator().manual_seed(1)
+    grad, exp_avg, exp_avg_sq = (torch.randn(6, 9, generator=generator) for _ in range(3))
+    exp_avg_sq = exp_avg_sq.abs()
+    new_exp_avg, new_exp_avg_sq = updated_moments(grad, exp_avg, exp_avg_sq, 0.9, 0.99)
+    direction = adam_direction(new_exp_avg, new_exp_avg_sq, 3, 0.9, 0.99, 1e-8, scratch=grad.clone())
+    param = torch.zeros(6, 9)
+    adamw_step_(param, grad, exp_avg, exp_avg_sq, 3, 1.0, 0.9, 0.99, 1e-8, 0.0)  # param = -direction, in place
+    assert torch.equal(new_exp_avg, exp_avg) and torch.equal(new_exp_avg_sq, exp_avg_sq)
+    assert torch.equal(direction, -param)
+
+
 def test_state_dict_is_tensors_only_and_resume_is_bit_exact(tmp_path):
     data = batches(12)
     model = tiny_llama(torch.float32)

@@ -160,6 +160,23 @@ def test_lorapro_tiny_scale_gives_a_counted_skip_not_nan():
     assert all(torch.isfinite(p).all() for p in (pair.A, pair.B))
 
 
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "8bit"])
+def test_lorapro_full_step_never_writes_into_the_stored_moments(state_dtype):
+    """Full mode's step shares the stored ``m x n`` moments with its copy of the state instead of cloning them, which
+    is safe only because it replaces them by new tensors: the tensors stored before a step keep their values."""
+    pair, head, optimizer, run_backward = lorapro_with_head()
+    optimizer = randopt.LoRAProAdamW(lorapro_groups([(pair.A, pair.B, 2.0)]), state_dtype=state_dtype, min_8bit_size=1)
+    for seed in range(3):
+        optimizer.zero_grad()
+        run_backward(seed)
+        stored = {key: (value, value.clone()) for key, value in optimizer.state[pair.A].items() if "w_exp_avg" in key}
+        optimizer.step()
+        for key, (tensor, values) in stored.items():
+            assert torch.equal(tensor, values), key
+            assert optimizer.state[pair.A][key] is not tensor and optimizer.state[pair.A][key].dtype == tensor.dtype
+        assert int(optimizer.state[pair.A]["step"]) == seed + 1
+
+
 # ----- LoRAProAdamW: every step path all or nothing --------------------------------------------------------------
 class _Address(NamedTuple):
     start: int
@@ -291,8 +308,8 @@ def one_rank_group():
 
 # what a LoRA-Pro step calls while it computes (and under sharding, its all-reduces): each may fail
 LORAPRO_STEP_FUNCTIONS = ["factor_grams", "projected_gradient", "lora_gradients", "adjust_gradients",
-                          "adam_direction", "update_moments_", "adamw_step_", "read_moment", "write_moment",
-                          "quantize", "_all_reduce_"]
+                          "adam_direction", "updated_moments", "adamw_step_", "read_moment", "write_moment",
+                          "encode_moment", "quantize", "_all_reduce_"]
 
 
 @pytest.mark.parametrize("storage,state_dtype", [("whole", "fp32"), ("whole", "8bit"), ("zero", "fp32"),

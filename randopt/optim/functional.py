@@ -22,15 +22,21 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     check_options(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
 
-def update_moments_(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                    beta1: float, beta2: float) -> None:
-    _update_all_moments_([grad], [exp_avg], [exp_avg_sq], beta1, beta2)
+def updated_moments(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float,
+                    beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The moments after one update, as new tensors (the same operations as ``adamw_steps_``, bit-identical), for a
+    caller that must keep the old ones: no copy first (LoRA-Pro full mode's moments are ``m x n``)."""
+    new_exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return torch.lerp(exp_avg, grad, 1 - beta1), new_exp_avg_sq
 
 
 def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta1: float, beta2: float,
-                   eps: float) -> torch.Tensor:
-    """Bias-corrected ``m_hat / (sqrt(v_hat) + eps)`` after ``step`` updates of the moments (step >= 1)."""
-    return _adam_directions([exp_avg], [exp_avg_sq], [step], beta1, beta2, eps)[0]
+                   eps: float, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Bias-corrected ``m_hat / (sqrt(v_hat) + eps)`` after ``step`` updates of the moments (step >= 1).
+    ``scratch``: a tensor of the moments' shape and dtype the caller no longer needs, overwritten with the denominator
+    instead of a new one (LoRA-Pro full mode: one ``m x n`` allocation fewer)."""
+    return _adam_directions([exp_avg], [exp_avg_sq], [step], beta1, beta2, eps,
+                            None if scratch is None else [scratch])[0]
 
 
 def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -59,10 +65,14 @@ def _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: floa
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
 
-def _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1: float, beta2: float, eps: float) -> list[torch.Tensor]:
+def _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1: float, beta2: float, eps: float,
+                     scratches=None) -> list[torch.Tensor]:
     bias_corrections1 = [1 - beta1 ** step for step in steps]
     bias_corrections2_sqrt = [math.sqrt(1 - beta2 ** step) for step in steps]
-    denoms = torch._foreach_sqrt(exp_avg_sqs)  # one m x n temporary each, not two (LoRA-Pro full)
+    if scratches is None:
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+    else:
+        denoms = [torch.sqrt(v, out=scratch) for v, scratch in zip(exp_avg_sqs, scratches)]
     torch._foreach_div_(denoms, bias_corrections2_sqrt)
     torch._foreach_add_(denoms, eps)
     directions = torch._foreach_div(exp_avgs, bias_corrections1)

@@ -49,10 +49,11 @@ from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, 
 from ..randlora.quantized import is_quantized, refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_options, check_params, check_saved_state, choice,
                           filled_in, group_params, module as validation_module)
-from .functional import adam_direction, adamw_step_, update_moments_
+from .functional import adam_direction, adamw_step_, updated_moments
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
-from .state import BLOCK_SIZE, CODES, MIN_8BIT_SIZE, check_state_dtype, init_moment, read_moment, write_moment
+from .state import (BLOCK_SIZE, CODES, MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment,
+                    write_moment)
 
 MODES = ("full", "efficient")
 _FULL_MOMENTS = ("w_exp_avg", "w_exp_avg_sq")
@@ -410,8 +411,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _trial(self, p) -> dict:
         """A copy of ``p``'s state (empty before its first step) for a step to compute on: the step stores it whole
-        once it is complete, so a failure on the way leaves the stored state as it was."""
-        return {key: value.clone() for key, value in self.state.get(p, {}).items()}
+        once it is complete, so a failure on the way leaves the stored state as it was. Full mode's ``m x n`` moments
+        are shared, not copied: a step replaces them by new tensors (``_direction_gradients``), never writes into
+        them."""
+        return {key: value if key.startswith(_FULL_MOMENTS[0]) else value.clone()
+                for key, value in self.state.get(p, {}).items()}
 
     def _plain_trial(self, p, like) -> dict:
         state = self._trial(p)
@@ -509,10 +513,15 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         state["step"] += 1
         step = int(state["step"])
         exp_avg, exp_avg_sq = (read_moment(state, n) for n in _FULL_MOMENTS)
-        update_moments_(g_equiv.to(exp_avg.dtype), exp_avg, exp_avg_sq, beta1, beta2)
-        write_moment(state, _FULL_MOMENTS[0], exp_avg)
-        write_moment(state, _FULL_MOMENTS[1], exp_avg_sq)
-        direction = adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"]).to(A_w.dtype)
+        # new tensors, not updated in place: a step's copy of the state shares the stored moments instead of copying
+        # them (m x n each)
+        g_equiv = g_equiv.to(exp_avg.dtype)
+        exp_avg, exp_avg_sq = updated_moments(g_equiv, exp_avg, exp_avg_sq, beta1, beta2)
+        for name, value in zip(_FULL_MOMENTS, (exp_avg, exp_avg_sq)):
+            state.update(encode_moment(state, name, value))
+        # g_equiv is used up: its memory takes the direction's denominator
+        direction = adam_direction(exp_avg, exp_avg_sq, step, beta1, beta2, group["eps"], scratch=g_equiv)
+        direction = direction.to(A_w.dtype)
         return lora_gradients(A_w, B_w[rows], direction, scale)
 
     def _adjusted(self, group, A_w, B_w, gA_raw, gB_raw, grams):

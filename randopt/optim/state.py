@@ -92,17 +92,21 @@ def read_moment(state: dict, name: str) -> torch.Tensor:
 
 def encode_moment(state: dict, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """The state entries that would store ``value`` (a working tensor from ``read_moment``) as moment ``name`` in
-    its present format, computed without storing anything: ``store_entries`` then only copies, so a step can
-    compute everything first and commit after."""
+    its present format (8-bit codes and scales, or a tensor of the stored dtype, a DTensor where the stored one is),
+    computed without storing anything, so a step can compute everything first and commit after: ``store_entries``
+    copies them into the stored tensors, or a step's copy of the state takes them as they are (``state.update``),
+    which leaves the tensors it shares with the stored state untouched."""
     if name + CODES in state:
         codes, absmax = quantize(value, signed=not _is_second_moment(name))
         return {name + CODES: codes, name + ABSMAX: absmax}
-    return {name: value}
+    stored = state[name]
+    local = value.to(local_part(stored).dtype)
+    return {name: shard_like(local, stored) if is_dtensor(stored) and not is_dtensor(local) else local}
 
 
 def store_entries(state: dict, entries: dict[str, torch.Tensor]) -> None:
     for key, value in entries.items():
-        stored = local_part(state[key])
+        stored, value = local_part(state[key]), local_part(value)
         if value is not stored:
             stored.copy_(value)
 
