@@ -11,8 +11,8 @@ Each (seed, task, method) runs in a fresh Python process, seed by seed, so its p
 (see ``peak_memory``); ``--workers`` such processes run side by side. ``--quick`` is a smoke test of the
 script itself: a tiny randomly initialised BERT with a character-level tokenizer, a synthetic task,
 a few steps, one seed, everything in this process, nothing downloaded and no data package needed.
-``--sweep`` runs the learning-rate sweep that chose the rates in ``METHODS`` (on a validation split
-carved from the training data, so the test split is not used for tuning).
+``--sweep`` runs the sweep that chose the rates in ``METHODS`` (learning rates, and RandLoRA's alpha with its rate, on a
+validation split carved from the training data, so the test split is not used for tuning).
 """
 from __future__ import annotations
 
