@@ -53,7 +53,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NOT_RUN_REASON = (
     "Not run for lack of CPU time: the sweep runs on one core of a 2-core machine shared by several jobs, where "
     "one 350M step at 4,096 tokens takes minutes; the runs that decide the target (PEFT LoRA r32, fused "
-    "RandLoRAAdamW stochastic and exact) and the two references (full fine-tuning, PEFT RandLora) were run first. "
+    "RandLoRAAdamW stochastic and exact) were run first at every point, then full fine-tuning and PEFT RandLora "
+    "as time allowed. "
     "The 1B size (`--sizes 1B`) was not run: its full fine-tuning in fp32 needs about 16 bytes per parameter "
     "(15 GiB) before activations on a machine whose 23 GiB are shared, and its adapter runs take tens of minutes "
     "per point on one core.")
