@@ -4,9 +4,10 @@ Storage of the moments (fp32, bf16, 8-bit) is a separate concern (``state.py``):
 moments into fp32 working tensors, call these functions, and write them back.
 
 Not guarded: these functions take their tensors and numbers as given (the optimizers validate them) and work
-in place; a function cannot know that it already ran, so calling ``adamw_step_`` twice applies two steps, and a
-failure halfway (e.g. mismatched shapes) can leave ``param`` decayed but not stepped. The optimizers compute on
-copies and commit only complete results.
+(the ``_``-suffixed ones) in place; a function cannot know that it already ran, so calling ``adamw_step_`` twice
+applies two steps, and a failure halfway (e.g. mismatched shapes) can leave ``param`` decayed but not stepped. The
+optimizers compute new tensors (``adamw_results``, ``updated_moments``) or on copies and commit only complete
+results.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def updated_moments(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch
                     beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The moments after one update, as new tensors (the same operations as ``adamw_steps_``, bit-identical), for a
     caller that must keep the old ones: no copy first (LoRA-Pro full mode's moments are ``m x n``)."""
-    new_exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return torch.lerp(exp_avg, grad, 1 - beta1), new_exp_avg_sq
+    (new_exp_avg,), (new_exp_avg_sq,) = _updated_all_moments([grad], [exp_avg], [exp_avg_sq], beta1, beta2)
+    return new_exp_avg, new_exp_avg_sq
 
 
 def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, beta1: float, beta2: float,
@@ -57,6 +58,30 @@ def adamw_steps_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
     torch._foreach_add_(params, _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps), alpha=-lr)
+
+
+def adamw_results(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``(new params, new exp_avgs, new exp_avg_sqs)`` after ``adamw_steps_``, as new tensors (bit-identical to it):
+    nothing given changes, so a caller can compute every result first and store them only once all exist, without
+    copying the old values first."""
+    if not params:
+        return [], [], []
+    new_exp_avgs, new_exp_avg_sqs = _updated_all_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+    directions = _adam_directions(new_exp_avgs, new_exp_avg_sqs, steps, beta1, beta2, eps)
+    if weight_decay:
+        new_params = torch._foreach_mul(params, 1 - lr * weight_decay)
+        torch._foreach_add_(new_params, directions, alpha=-lr)
+    else:
+        new_params = torch._foreach_add(params, directions, alpha=-lr)
+    return new_params, new_exp_avgs, new_exp_avg_sqs
+
+
+def _updated_all_moments(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float):
+    new_exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(new_exp_avg_sqs, grads, grads, value=1 - beta2)
+    return torch._foreach_lerp(exp_avgs, grads, 1 - beta1), new_exp_avg_sqs
 
 
 def _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float) -> None:

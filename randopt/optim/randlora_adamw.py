@@ -50,13 +50,13 @@ from ..randlora.functional import (DEFAULT_RANK, coefficient_shapes, default_alp
 from ..randlora.quantized import refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_matrix_layout, check_options, check_params,
                           check_saved_state, choice, filled_in, group_params, rank as check_rank, real)
-from .functional import adamw_steps_, clip_factor
+from .functional import adamw_results, clip_factor
 from .groups import GROUP_OPTIONS, RANDLORA_OPTIONS, param_groups
 from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
 from .precision import add_update_
 from .state import (BLOCK_SIZE, MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment,
-                    store_entries, write_moment)
+                    store_entries)
 
 COEFFICIENTS = ("lambda", "gamma")
 WEIGHT_UPDATES = ("stochastic", "exact")
@@ -470,11 +470,13 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                 self.state[item[0]]["nonfinite_skips"] += 1
         coefficients = self._new_coefficients([(p, group, grads) for p, group, grads, _ in stepped
                                                if self._is_matrix(p, group)])
-        # plain parameters whose AdamW runs in place, batched; the others (rounded into a low-precision weight, which
+        # plain parameters in their exact dtype, batched; the others (rounded into a low-precision weight, which
         # draws from the rounding generator) keep their turn among the matrices
-        in_place = [(p, group, grads) for p, group, grads, _ in stepped
-                    if not self._is_matrix(p, group) and p.dtype == coefficient_dtype(p)]
-        self._plain_adamw([(p.data, grads[0], self.state[p], group) for p, group, grads in in_place])
+        exact = [(p.data, grads[0], self.state[p], group) for p, group, grads, _ in stepped
+                 if not self._is_matrix(p, group) and p.dtype == coefficient_dtype(p)]
+        for (weight, _, state, _), new in zip(exact, self._new_plain(exact)):
+            self._store_plain(state, new)
+            weight.copy_(new[0])
         for p, group, grads, blocks in stepped:
             if self._is_matrix(p, group):
                 self._step_matrix(p, group, self.state[p], coefficients[p], blocks)
@@ -595,30 +597,36 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         self._step_plain(span.weight, grad, state, group)
 
     @staticmethod
-    def _plain_adamw(items) -> None:
-        """AdamW in place on ``[(weight, grad, state, group)]`` (weights in their exact dtype), one step counted in
-        each state, batched per group (``adamw_steps_``)."""
+    def _new_plain(items) -> list[tuple[torch.Tensor, dict]]:
+        """For each of ``[(weight, grad, state, group)]`` (weights in their exact dtype): the weight after one AdamW
+        step and the state entries of its moments (``encode_moment``), as new tensors, batched per group
+        (``adamw_results``). Nothing stored changes: ``_store_plain`` commits once every result exists."""
         by_group: dict[int, tuple[dict, list]] = {}
-        for weight, grad, state, group in items:
-            by_group.setdefault(id(group), (group, []))[1].append((weight, grad, state))
-        for group, members in by_group.values():
-            states = [state for _, _, state in members]
-            for state in states:
-                state["step"] += 1
-            exp_avgs = [read_moment(state, "exp_avg") for state in states]
-            exp_avg_sqs = [read_moment(state, "exp_avg_sq") for state in states]
+        for index, (_, _, _, group) in enumerate(items):
+            by_group.setdefault(id(group), (group, []))[1].append(index)
+        new = [None] * len(items)
+        for group, indices in by_group.values():
+            weights, grads, states, _ = zip(*(items[index] for index in indices))
             beta1, beta2 = group["betas"]
-            adamw_steps_([weight for weight, _, _ in members], [grad for _, grad, _ in members], exp_avgs, exp_avg_sqs,
-                         [int(state["step"].item()) for state in states], group["lr"], beta1, beta2, group["eps"],
-                         group["weight_decay"])
-            for state, m, v in zip(states, exp_avgs, exp_avg_sqs):
-                write_moment(state, "exp_avg", m)
-                write_moment(state, "exp_avg_sq", v)
+            results = adamw_results(list(weights), list(grads), [read_moment(state, "exp_avg") for state in states],
+                                    [read_moment(state, "exp_avg_sq") for state in states],
+                                    [int(state["step"].item()) + 1 for state in states], group["lr"], beta1, beta2,
+                                    group["eps"], group["weight_decay"])
+            for index, state, weight, m, v in zip(indices, states, *results):
+                new[index] = weight, {**encode_moment(state, "exp_avg", m), **encode_moment(state, "exp_avg_sq", v)}
+        return new
+
+    @staticmethod
+    def _store_plain(state: dict, new: tuple[torch.Tensor, dict]) -> None:
+        """The moments of ``new`` (from ``_new_plain``) replace the stored ones (new tensors, so nothing is copied) and
+        the step is counted; the caller writes the weight."""
+        state.update(new[1])
+        state["step"] += 1
 
     def _new_coefficients(self, matrices) -> dict[torch.Tensor, tuple[list[torch.Tensor], dict]]:
         """``{param: ([lambda, gamma], moment entries)}`` after one AdamW step of the coefficients of every matrix in
-        ``[(param, group, coefficient grads)]``, computed on copies (nothing stored changes) and batched per group:
-        one ``adamw_steps_`` call for all the group's coefficients instead of two ``adamw_step_`` calls a matrix
+        ``[(param, group, coefficient grads)]``, as new tensors (nothing stored changes) and batched per group:
+        one ``adamw_results`` call for all the group's coefficients instead of two calls a matrix
         (bit-identical results; the per-tensor Python overhead was a visible part of a step with many small
         matrices or sparse bases)."""
         by_group: dict[int, tuple[dict, list]] = {}
@@ -631,15 +639,14 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                 state = self.state[p]
                 step = int(state["step"].item()) + 1
                 for name, grad in zip(COEFFICIENTS, coefficient_grads):
-                    values.append(state[name].clone())
+                    values.append(state[name])
                     grads.append(grad)
-                    exp_avgs.append(read_moment(state, f"{name}_exp_avg").clone())
-                    exp_avg_sqs.append(read_moment(state, f"{name}_exp_avg_sq").clone())
+                    exp_avgs.append(read_moment(state, f"{name}_exp_avg"))
+                    exp_avg_sqs.append(read_moment(state, f"{name}_exp_avg_sq"))
                     steps.append(step)
             beta1, beta2 = group["betas"]
-            adamw_steps_(values, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2, group["eps"],
-                         group["weight_decay"])
-            results = iter(zip(values, exp_avgs, exp_avg_sqs))
+            results = iter(zip(*adamw_results(values, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2,
+                                              group["eps"], group["weight_decay"])))
             for p, _ in items:
                 state, coefficients, entries = self.state[p], [], {}
                 for name in COEFFICIENTS:
@@ -709,16 +716,18 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
 
     def _step_plain(self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         """One AdamW step of a plain parameter (or of the part this rank owns), counted in its state; a weight below
-        fp32 takes the update through stochastic rounding."""
-        if weight.dtype == coefficient_dtype(weight):
-            self._plain_adamw([(weight, grad, state, group)])
-            return
+        fp32 takes the update through stochastic rounding. All or nothing: everything is computed before anything is
+        stored."""
         exact = weight.to(coefficient_dtype(weight))
-        before = exact.clone()
-        self._plain_adamw([(exact, grad, state, group)])
-        add_update_(weight, exact - before, self._generator(weight.device))
+        new = self._new_plain([(exact, grad, state, group)])[0]
+        if exact is weight:
+            self._store_plain(state, new)
+            weight.copy_(new[0])
+            return
+        update = new[0] - exact
+        self._store_plain(state, new)
+        add_update_(weight, update, self._generator(weight.device))
 
-    # ----- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Like ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions in the groups
         (also while DeepSpeed holds flat partitions in ``group["params"]``); every state entry is a tensor."""
