@@ -711,3 +711,45 @@ def test_load_coefficients_refuses_a_parameter_that_is_not_one_of_its_matrices()
     for param in (torch.nn.Parameter(torch.zeros(5, 6)), model.bias):
         with pytest.raises(ValueError, match="not a matrix of a RandLoRA group"):
             opt.load_coefficients(param, torch.zeros(2), torch.zeros(2))
+
+
+def test_select_rank_of_an_empty_spectrum_is_one():
+    from randopt.lorasqueeze.functional import select_rank
+
+    assert select_rank(torch.zeros(0), 0.5) == 1
+
+
+def test_factor_maps_cut_singular_values_relative_to_the_largest():
+    from randopt.lorasqueeze.functional import factor_maps, factored_svd
+
+    generator = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64, generator=generator))[0]
+    V = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64, generator=generator))[0]
+    B, A = U * torch.tensor([1.0, 1e-5, 1e-8], dtype=torch.float64), V.T
+    maps = factor_maps(factored_svd(B, A, 1.0), 3, 1.0, 1.0, rcond=1e-6)
+    assert maps.live.tolist() == [True, True, False]
+
+
+def test_a_rounding_generator_table_that_is_not_a_dict_is_refused():
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([model.weight], rank=2)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    with pytest.raises(ValueError, match="rounding_generators must map devices"):
+        opt.load_state_dict({**saved, "rounding_generators": [saved["rounding_generators"]]})
+
+
+def test_a_written_directory_is_made_durable_file_by_file_but_not_through_links(tmp_path, monkeypatch):
+    from randopt import _atomic
+
+    synced = []
+    monkeypatch.setattr(_atomic, "_fsync", synced.append)
+
+    def write(d):
+        open(os.path.join(d, "a"), "w").write("x")
+        os.symlink("a", os.path.join(d, "link"))
+
+    _atomic.write_directory(tmp_path / "out", write, overwrite=False, owner_file="a")
+    names = [os.path.basename(p) for p in synced]
+    assert "a" in names and "link" not in names
