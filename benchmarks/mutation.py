@@ -428,13 +428,15 @@ class CoverageMap:
         executed = self.lines.get(mutant.module, {})
         if mutant.at_import and executed:
             return sorted(set().union(*executed.values())), "import"
+        # a function run while test files are collected (e.g. a module __getattr__ behind their imports) can break
+        # every test of those files
+        collected = self.collected_by.get(mutant.module, {})
         for span in (mutant.lines, mutant.statement):
             tests = set().union(*(executed.get(line, ()) for line in span))
             if tests:
-                return sorted(tests), "line"
-        collected = self.collected_by.get(mutant.module, {})
+                return sorted(tests.union(*(collected.get(line, ()) for line in span))), "line"
         tests = set().union(*(collected.get(line, ()) for line in mutant.lines + mutant.statement))
-        if tests:  # run only while test files were collected (e.g. a module __getattr__ behind their imports)
+        if tests:
             return sorted(tests), "import"
         return [], "uncovered"
 

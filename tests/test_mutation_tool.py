@@ -69,11 +69,13 @@ def test_a_mutant_runs_the_tests_that_execute_its_line():
     trace = {"failed": ["t::broken"], "seconds": {"t::a": 1.0, "t::b": 2.0, "t::c": 3.0},
              "hits": {mutation.IMPORT_CONTEXT: {"m.py": [1, 2]}, "t::a": {"m.py": [5, 6]}, "t::b": {"m.py": [6, 9]},
                       "t::c": {"m.py": [8]}, "t::broken": {"m.py": [5, 7]}}}
-    coverage = mutation.CoverageMap({"t": trace})
+    collected_at_9 = {"failed": [], "seconds": {"u::x": 1.0}, "hits": {mutation.IMPORT_CONTEXT: {"m.py": [9]}}}
+    coverage = mutation.CoverageMap({"t": trace, "u": collected_at_9})
+    assert coverage.tests_for(_mutant(9, [9])) == (["t::b", "u::x"], "line")  # u's collection runs line 9
     assert coverage.tests_for(_mutant(6, [6])) == (["t::a", "t::b"], "line")
     assert coverage.tests_for(_mutant(5, [5, 6, 7])) == (["t::a", "t::b"], "line")  # a failing test is never chosen
     assert coverage.tests_for(_mutant(4, [4], statement=[3, 4, 5])) == (["t::a"], "line")  # the enclosing statement
-    assert coverage.tests_for(_mutant(2, [2])) == (["t::a", "t::b", "t::c"], "import")  # a module constant
+    assert coverage.tests_for(_mutant(2, [2])) == (["t::a", "t::b", "t::c"], "import")  # run at collection only
     assert coverage.tests_for(_mutant(7, [7])) == ([], "uncovered")  # only the failing test executes it
     module_constant = mutation.Mutant("m.py", 0, 8, "1 -> 2", "x = 1", 0, (8,), (8,), at_import=True)
     assert coverage.tests_for(module_constant) == (["t::a", "t::b", "t::c"], "import")  # imported inside t::c
