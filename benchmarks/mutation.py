@@ -78,6 +78,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/randlora/bases.py", "_dense: dict = field(default_factory=dict, compare=False, repr=False)",
      "False -> True"): "options of a per-dtype cache field: LayerBases are never compared (their tensor fields make "
                        "== raise) and repr would only show the cache",
+    ("integrations/peft.py", 'seed=metadata.get("seed", -1) if metadata else config.get("projection_prng_key", -1))',
+     "1 -> 2"): "a fallback for keys both writers always write (randopt's metadata seed, PEFT's projection_prng_key); "
+                "the bases come from the file either way and the seed is only recorded",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",

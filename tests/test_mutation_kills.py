@@ -526,6 +526,7 @@ def test_export_lora_takes_zero_oversampling_and_power_iterations():
     result = export_lora(model, rank=1, method="randomized", oversample=0, power_iters=0)
     assert {layer.rank for layer in result.layers} == {1}
     assert result.config["init_lora_weights"] is True and result.config["use_dora"] is False  # PEFT's defaults
+    assert result.config["inference_mode"] is True  # as PEFT's save_pretrained writes it
 
 
 def test_an_energy_target_that_keeps_everything_reports_the_layers_left_as_they_were():
