@@ -409,6 +409,7 @@ class CoverageMap:
         self.collected_by: dict[str, dict[int, set[str]]] = collections.defaultdict(lambda: collections.defaultdict(set))
         self.seconds: dict[str, float] = {}
         self.failed: list[str] = []
+        self.file_keys = {name: trace.get("key") for name, trace in traces.items()}  # change with the test file
         for trace in traces.values():
             self.failed += trace["failed"]
             for context, modules in trace["hits"].items():
@@ -535,7 +536,7 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
         for n, mutant in enumerate(todo, 1):
             tests, selection = coverage.tests_for(mutant)
             previous = results.get(mutant.key, {})
-            if rerun_survivors and _same_selection(previous, tests, selection):
+            if rerun_survivors and _same_selection(previous, tests, selection, coverage.file_keys):
                 print(f"[{n}/{len(todo)}] unchanged  {mutant.module}:{mutant.line} {mutant.mutation}: no new test "
                       "executes it", flush=True)
                 continue
@@ -559,7 +560,8 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
                     killers[mutant.module][killer] += 1
             results[mutant.key] = {**asdict(mutant), "outcome": outcome, "seconds": round(seconds, 1),
                                    "cpu_seconds": round(cpu, 1), "load": round(os.getloadavg()[0], 1),
-                                   "selection": selection, "tests": len(tests), "selected": _digest_of(tests),
+                                   "selection": selection, "tests": len(tests),
+                                   "selected": _digest_of(tests, coverage.file_keys),
                                    "killer": killer,
                                    "previous": previous.get("outcome"),
                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -570,15 +572,18 @@ def run(mutants: list[Mutant], cache: dict, rerun_survivors: bool) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _digest_of(tests: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(tests)).encode()).hexdigest()[:16]
+def _digest_of(tests: list[str], file_keys: dict[str, str]) -> str:
+    """The selected tests and the versions of their files: an edited test makes a new selection."""
+    files = sorted({test.split("::")[0] for test in tests})
+    text = "\n".join(sorted(tests) + [f"{name}:{file_keys.get(name)}" for name in files])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _same_selection(previous: dict, tests: list[str], selection: str) -> bool:
-    """Whether a rerun would run the very tests the previous run did (results written before the digest was kept:
-    the same number of tests chosen the same way, the test map being deterministic)."""
+def _same_selection(previous: dict, tests: list[str], selection: str, file_keys: dict[str, str]) -> bool:
+    """Whether a rerun would run the very tests, in the same versions, that the previous run did (results written
+    before the digest was kept: the same number of tests chosen the same way)."""
     if previous.get("selected"):
-        return previous["selected"] == _digest_of(tests)
+        return previous["selected"] == _digest_of(tests, file_keys)
     return previous.get("tests") == len(tests) and previous.get("selection") == selection
 
 

@@ -115,10 +115,12 @@ def test_the_interval_holds_the_score():
     assert mutation._wilson(10, 10)[1] == pytest.approx(1.0)
 
 
-def test_a_rerun_skips_a_survivor_that_no_new_test_executes():
-    tests = ["t::a", "t::b"]
-    ran = {"selected": mutation._digest_of(tests), "tests": 2, "selection": "line"}
-    assert mutation._same_selection(ran, list(reversed(tests)), "line")
-    assert not mutation._same_selection(ran, tests + ["t::new"], "line")
-    assert mutation._same_selection({"tests": 0, "selection": "uncovered"}, [], "uncovered")
-    assert not mutation._same_selection({"tests": 2, "selection": "line"}, tests, "import")
+def test_a_rerun_skips_a_survivor_that_no_new_or_edited_test_executes():
+    tests, keys = ["t.py::a", "t.py::b"], {"t.py": "k1", "u.py": "k2"}
+    ran = {"selected": mutation._digest_of(tests, keys), "tests": 2, "selection": "line"}
+    assert mutation._same_selection(ran, list(reversed(tests)), "line", keys)
+    assert mutation._same_selection(ran, tests, "line", {**keys, "u.py": "edited"})  # a file it does not run
+    assert not mutation._same_selection(ran, tests, "line", {**keys, "t.py": "edited"})
+    assert not mutation._same_selection(ran, tests + ["u.py::new"], "line", keys)
+    assert mutation._same_selection({"tests": 0, "selection": "uncovered"}, [], "uncovered", keys)
+    assert not mutation._same_selection({"tests": 2, "selection": "line"}, tests, "import", keys)
