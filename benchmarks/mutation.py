@@ -81,6 +81,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("integrations/peft.py", 'seed=metadata.get("seed", -1) if metadata else config.get("projection_prng_key", -1))',
      "1 -> 2"): "a fallback for keys both writers always write (randopt's metadata seed, PEFT's projection_prng_key); "
                 "the bases come from the file either way and the seed is only recorded",
+    ("randopt/randlora/layer.py", "check_rank(rank)", "drop call"):
+        "a repeated check: make_bases and RandLoRALinear check the rank with the same message before any layer is "
+        "replaced (with bases given, the bases-rank comparison refuses it first)",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",
@@ -630,7 +633,12 @@ def write_report(cache: dict) -> None:
                   f"of `randopt/` and `integrations/`, drawn at random per module (proportional to the module's "
                   f"mutants, at least 5 each; seed {sample['seed']}, source at {sample['commit']}). The interval is "
                   "the 95% Wilson interval of a binomial proportion over the sample: the score of all mutants lies "
-                  "in it with about 95% confidence.", ""]
+                  "in it with about 95% confidence."]
+        if len(results) < sample["size"]:
+            lines[-1] += (f" {len(results)} of the {sample['size']} drawn have results: the run was stopped early "
+                          "(it takes the first 5 of each module first, then the rest in seeded random order, so what "
+                          "ran is still a random sample of every module).")
+        lines.append("")
     lines += ["| module | mutants | in the results | killed | survived (equivalent) | uncovered | score |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     total = collections.Counter()
