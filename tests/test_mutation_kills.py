@@ -754,3 +754,17 @@ def test_a_written_directory_is_made_durable_file_by_file_but_not_through_links(
     _atomic.write_directory(tmp_path / "out", write, overwrite=False, owner_file="a")
     names = [os.path.basename(p) for p in synced]
     assert "a" in names and "link" not in names
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e5])
+def test_sylvester_solve_is_exact_for_full_rank_factors_of_any_magnitude(scale):
+    """The cut of the Sylvester operator is relative to its largest entry: tiny factors (Gram eigenvalues 1e-10)
+    are solved exactly, not cut as if they were rounding noise."""
+    from randopt.lorapro.functional import factor_grams, solve_sylvester
+
+    generator = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 9, generator=generator, dtype=torch.float64) * scale
+    B = torch.randn(8, 4, generator=generator, dtype=torch.float64) * scale
+    rhs = torch.randn(4, 4, generator=generator, dtype=torch.float64) * scale ** 2
+    X = solve_sylvester(factor_grams(A, B), rhs)
+    torch.testing.assert_close((B.T @ B) @ X + X @ (A @ A.T), rhs, rtol=1e-9, atol=0)

@@ -256,8 +256,8 @@ def test_state_values_no_step_could_write_are_refused(maker):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("generators", [{"cpu": torch.zeros(3, dtype=torch.uint8)}, {"tpu:9": None}],
-                         ids=["not-a-generator-state", "unknown-device"])
+@pytest.mark.parametrize("generators", [{"cpu": torch.zeros(3, dtype=torch.uint8)}, {"tpu:9": None}, {"cpu": [0, 1]}],
+                         ids=["not-a-generator-state", "unknown-device", "not-a-tensor"])
 def test_rounding_generators_torch_cannot_take_are_refused_before_anything_loads(generators):
     """They were set last, after the state had been replaced: the RuntimeError left a half-loaded optimizer."""
     source_model, source, source_backward = trained_randlora()
@@ -274,3 +274,17 @@ def test_rounding_generators_torch_cannot_take_are_refused_before_anything_loads
         optimizer.load_state_dict(saved)
     assert_same(before, snapshot(model, optimizer))
     assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups_before
+
+
+def test_state_for_a_factor_that_keeps_none_is_refused():
+    """Full mode keeps a pair's moments with A; a dict that gives B a state of its own was not written by this mode."""
+    model, optimizer, run_backward = trained_lorapro("full")
+    saved = copy.deepcopy(optimizer.state_dict())
+    positions = [p for group in saved["param_groups"] for p in group["params"]]
+    stateless = [p for p in positions if not saved["state"].get(p)]
+    assert stateless, "full mode keeps no state for B"
+    saved["state"][stateless[0]] = {"exp_avg": torch.zeros(1)}
+    before = snapshot(model, optimizer)
+    with pytest.raises(ValueError, match="exp_avg"):
+        optimizer.load_state_dict(saved)
+    assert_same(before, snapshot(model, optimizer))
