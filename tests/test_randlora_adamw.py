@@ -357,3 +357,26 @@ def test_bad_max_grad_norm_is_refused(value):
         randopt.RandLoRAAdamW(tiny_llama().parameters(), rank=RANK, max_grad_norm=value)
     with pytest.raises(ValueError, match="data_parallel"):
         randopt.RandLoRAAdamW(tiny_llama().parameters(), rank=RANK, max_grad_norm=1.0, data_parallel=True)
+
+
+@pytest.mark.parametrize("state_dtype,stored", [("bf16", "bfloat16"), ("8bit", "8bit")])
+def test_an_fp64_model_steps_with_bf16_and_8bit_moments(state_dtype, stored):
+    """bf16 and 8-bit moments read back as fp32; with an fp64 model they are worked on in the gradients' fp64 (they
+    used to fail to combine), stored as asked, and train as the fp32-stored moments do, up to their rounding."""
+    from randopt.optim.state import state_summary
+
+    data = batches(3)
+    runs = []
+    for dtype in ("fp32", state_dtype):
+        model = tiny_llama(torch.float64)
+        groups = randopt.param_groups(model, LLAMA_TARGETS, rank=RANK, alpha=ALPHA, train_rest=True)
+        opt = randopt.RandLoRAAdamW(groups, lr=LR, weight_decay=WD, state_dtype=dtype, min_8bit_size=64)
+        for tokens in data:
+            lm_loss(model, tokens).backward()
+            opt.step()
+            opt.zero_grad()
+        assert stored in state_summary(opt) or dtype == "fp32"
+        runs.append(model)
+    for p, q in zip(*(run.parameters() for run in runs)):
+        assert p.dtype == q.dtype == torch.float64
+        torch.testing.assert_close(q, p, atol=LR, rtol=0)

@@ -76,6 +76,12 @@ def coefficient_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
+def _working_moment(state: dict, name: str, grad: torch.Tensor) -> torch.Tensor:
+    """Moment ``name`` to compute with, in the gradient's dtype: bf16 and 8-bit moments read back as fp32, which an
+    fp64 model's fp64 gradients cannot be combined with (for the other cases the stored tensor itself, no copy)."""
+    return read_moment(state, name).to(grad.dtype)
+
+
 def oriented(blocks: list[Block], fan_in_fan_out: bool) -> list[tuple]:
     """Blocks of the stored layout as ``(grad, weight, rows, cols)`` of the ``out x in`` matrix."""
     result = []
@@ -608,8 +614,9 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         for group, indices in by_group.values():
             weights, grads, states, _ = zip(*(items[index] for index in indices))
             beta1, beta2 = group["betas"]
-            results = adamw_results(list(weights), list(grads), [read_moment(state, "exp_avg") for state in states],
-                                    [read_moment(state, "exp_avg_sq") for state in states],
+            results = adamw_results(list(weights), list(grads),
+                                    [_working_moment(state, "exp_avg", grad) for state, grad in zip(states, grads)],
+                                    [_working_moment(state, "exp_avg_sq", grad) for state, grad in zip(states, grads)],
                                     [int(state["step"].item()) + 1 for state in states], group["lr"], beta1, beta2,
                                     group["eps"], group["weight_decay"])
             for index, state, weight, m, v in zip(indices, states, *results):
@@ -641,8 +648,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                 for name, grad in zip(COEFFICIENTS, coefficient_grads):
                     values.append(state[name])
                     grads.append(grad)
-                    exp_avgs.append(read_moment(state, f"{name}_exp_avg"))
-                    exp_avg_sqs.append(read_moment(state, f"{name}_exp_avg_sq"))
+                    exp_avgs.append(_working_moment(state, f"{name}_exp_avg", grad))
+                    exp_avg_sqs.append(_working_moment(state, f"{name}_exp_avg_sq", grad))
                     steps.append(step)
             beta1, beta2 = group["betas"]
             results = iter(zip(*adamw_results(values, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2,
