@@ -43,7 +43,9 @@ def build(name: str, state_dtype: str, plain, lora):
         model = copy.deepcopy(plain)
         for embedding in (model.transformer.wte, model.transformer.wpe):  # frozen, as LoRA leaves them
             embedding.weight.requires_grad_(False)
-        groups = randopt.param_groups(model, TARGETS, rank=RANDLORA_RANK)
+        # train_rest: the biases and LayerNorms stay trainable (a plain AdamW group), as the docstring says and as
+        # LoRA-Pro's rows train them
+        groups = randopt.param_groups(model, TARGETS, rank=RANDLORA_RANK, train_rest=True)
         return model, randopt.RandLoRAAdamW(groups, lr=1e-4, rank=RANDLORA_RANK, state_dtype=state_dtype)
     model = copy.deepcopy(lora)
     return model, randopt.LoRAProAdamW(model, lr=1e-4, mode=name.split()[1], state_dtype=state_dtype)
