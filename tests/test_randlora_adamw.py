@@ -7,7 +7,7 @@ import torch
 import randopt
 from conftest import GPT2_TARGETS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 from distributed import run_distributed
-from randopt.optim.precision import add_update_
+from randopt.optim.precision import updated_weight
 from randopt.randlora import inject_randlora, randlora_layers
 
 RANK, ALPHA, LR, WD = 3, 5.0, 1e-2, 0.1
@@ -232,11 +232,11 @@ def test_bf16_weights_keep_updates_below_their_resolution():
     generator = torch.Generator().manual_seed(0)
     weight = torch.ones(4096, dtype=torch.bfloat16)
     for _ in range(200):
-        add_update_(weight, torch.full((4096,), 1e-4), generator)
+        weight = updated_weight(weight, torch.full((4096,), 1e-4), generator)
     assert abs(weight.float().mean().item() - 1.02) < 2e-3
     plain = torch.ones(4096, dtype=torch.bfloat16)
     for _ in range(200):
-        add_update_(plain, torch.full((4096,), 1e-4), None)
+        plain = updated_weight(plain, torch.full((4096,), 1e-4), None)
     assert torch.equal(plain, torch.ones(4096, dtype=torch.bfloat16)), "round-to-nearest loses these updates"
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import randopt
 from randopt.lorapro import lorapro_groups
 from randopt.optim import functional as functional_module
+from randopt.optim import precision as precision_module
 from randopt.optim import randlora_adamw as randlora_module
 from randopt.optim import state as state_module
 
@@ -61,6 +62,7 @@ STEP_FUNCTIONS = {
     "adamw_results": (randlora_module, "adamw_results"), "read_moment": (randlora_module, "read_moment"),
     "encode_moment": (randlora_module, "encode_moment"), "quantize": (state_module, "quantize"),
     "_adam_directions": (functional_module, "_adam_directions"), "add_": (torch, "_foreach_add_"),
+    "stochastic_round_bf16": (precision_module, "stochastic_round_bf16"),  # bf16 weights: the rounded new weight
 }
 
 
@@ -123,8 +125,10 @@ def as_before(after: dict, before: dict) -> bool:
     return same(after, before)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("function", ["_adam_directions", "add_", "encode_moment", "read_moment"])
+@pytest.mark.parametrize("function,dtype", [
+    *((function, dtype) for function in ["_adam_directions", "add_", "encode_moment", "read_moment"]
+      for dtype in [torch.float32, torch.bfloat16]),
+    ("stochastic_round_bf16", torch.bfloat16)])
 def test_a_failure_inside_the_plain_parameters_adamw_leaves_them_as_they_were(function, dtype):
     """Plain parameters (biases, and a whole matrix in a ``rank=None`` group) in two groups, batched per group: a
     failure at any call while their AdamW computes, from a fresh start and from a trained state, leaves each one

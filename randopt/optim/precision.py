@@ -17,9 +17,9 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
     return torch.where(finite, rounded.view(torch.float32), x.float()).to(torch.bfloat16)
 
 
-def add_update_(weight: torch.Tensor, update: torch.Tensor, generator: torch.Generator | None) -> None:
-    """``weight += update`` where ``update`` is in higher precision; bf16 weights round stochastically."""
+def updated_weight(weight: torch.Tensor, update: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``weight + update`` in the weight's dtype, as a new tensor, where ``update`` is in higher precision; bf16
+    weights round stochastically. A new tensor, so that a step can have every new value before it stores any."""
     if weight.dtype == torch.bfloat16 and generator is not None:
-        weight.copy_(stochastic_round_bf16(weight.float() + update, generator))
-    else:
-        weight.add_(update.to(weight.dtype))
+        return stochastic_round_bf16(weight.float() + update, generator)
+    return weight + update.to(weight.dtype)

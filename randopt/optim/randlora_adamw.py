@@ -54,7 +54,7 @@ from .functional import adamw_results, clip_factor
 from .groups import GROUP_OPTIONS, RANDLORA_OPTIONS, param_groups
 from .locators import Block, DTensorShards, WholeTensors, locator_for, logical_shape
 from .partitioned import PartitionAwareOptimizer
-from .precision import add_update_
+from .precision import updated_weight
 from .state import (BLOCK_SIZE, MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment,
                     store_entries)
 
@@ -689,7 +689,8 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                       for (_, _, rows, cols), base in zip(blocks, self._base_blocks(base_weight, blocks))]
         else:
             change_basis = new_basis - old_basis
-            values = [reconstruct(layer, change_basis, scale, rows=rows, cols=cols, layout_of=weight)
+            values = [updated_weight(weight, reconstruct(layer, change_basis, scale, rows=rows, cols=cols,
+                                                         layout_of=weight), self._generator(weight.device))
                       for _, weight, rows, cols in blocks]
         # every new value exists: store them
         lam.copy_(new_lam)
@@ -699,10 +700,7 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
         if base_weight is not None:
             state["base_weight"] = base_weight
         for (_, weight, _, _), value in zip(blocks or [], values):
-            if exact:
-                weight.copy_(value)
-            else:
-                add_update_(weight, value, self._generator(weight.device))
+            weight.copy_(value)
 
     @staticmethod
     def _starting_weight(layer, basis, scale, blocks) -> torch.Tensor:
@@ -731,9 +729,9 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
             self._store_plain(state, new)
             weight.copy_(new[0])
             return
-        update = new[0] - exact
+        rounded = updated_weight(weight, new[0] - exact, self._generator(weight.device))
         self._store_plain(state, new)
-        add_update_(weight, update, self._generator(weight.device))
+        weight.copy_(rounded)
 
     def state_dict(self) -> dict:
         """Like ``torch.optim.Optimizer.state_dict``, keyed by the ORIGINAL parameters' positions in the groups
