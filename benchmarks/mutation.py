@@ -73,8 +73,9 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "changes the cut only for rank 1, from 1 to 2 machine epsilons of the largest eigenvalue: a 1 x 1 Gram has "
         "one eigenvalue, the largest, which is never cut",
     ("randopt/randlora/bases.py", "bound_A, bound_B = 1 / math.sqrt(d), 1 / math.sqrt(rank)", "1 -> 2"):
-        "doubles a bound: the draw is scaled by exactly 2 (a power of two) and _unit_std divides that out again, so "
-        "the bases are bit-identical",
+        "doubles either bound (bound_A or bound_B, two mutants of one line): that draw is scaled by exactly 2 (a power "
+        "of two, so every rounding scales with it) and _unit_std divides that out again; the bases and their "
+        "fingerprints are bit-identical (checked for 1 <= rank <= 16 and shapes up to 7 x 300)",
     ("randopt/randlora/bases.py", "_dense: dict = field(default_factory=dict, compare=False, repr=False)",
      "False -> True"): "options of a per-dtype cache field: LayerBases are never compared (their tensor fields make "
                        "== raise) and repr would only show the cache",

@@ -364,25 +364,41 @@ def _lora_mlp():
                                                        init_lora_weights=False))
 
 
+def _shard(model, mesh, optimizer=None):
+    """``fully_shard`` every linear layer and the model; with an ``optimizer`` built before, do what accelerate's
+    ``prepare`` does next: put each new DTensor parameter where the old parameter was in the optimizer's groups."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if optimizer is not None:
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+
+
+@pytest.mark.parametrize("optimizer_first", [False, True], ids=["sharded-first", "optimizer-first"])
 @pytest.mark.parametrize("make_model,make_optimizer", [
     (_mlp, lambda m: randopt.RandLoRAAdamW(randopt.param_groups(m, ["0", "2"], rank=2, train_rest=True), lr=1e-2)),
     (_lora_mlp, lambda m: randopt.LoRAProAdamW(m, lr=1e-2, mode="full")),
+    (_lora_mlp, lambda m: randopt.LoRAProAdamW(m, lr=1e-2, mode="full", weight_decay=0.1, decay_base_weight=True)),
     (_lora_mlp, lambda m: randopt.LoRAProAdamW(m, lr=1e-2, mode="efficient")),
-], ids=["RandLoRAAdamW", "LoRAProAdamW-full", "LoRAProAdamW-efficient"])
-def test_fsdp2_on_one_rank_trains_exactly_like_the_unsharded_model(one_rank_group, make_model, make_optimizer):
+], ids=["RandLoRAAdamW", "LoRAProAdamW-full", "LoRAProAdamW-full-decaying-W0", "LoRAProAdamW-efficient"])
+def test_fsdp2_on_one_rank_trains_exactly_like_the_unsharded_model(one_rank_group, make_model, make_optimizer,
+                                                                    optimizer_first):
     """The DTensor route (FSDP2's ``fully_shard``) in one process, so that the fast suite reaches it too; the
-    2-rank runs of tests/test_fsdp.py check the sharding itself."""
-    from torch.distributed.fsdp import fully_shard
-
+    2-rank runs of tests/test_fsdp.py check the sharding itself. ``optimizer-first``: built before sharding, with the
+    DTensors swapped into its groups afterwards (accelerate's order): the optimizer adopts them, and full mode's
+    decay then scales the model's sharded ``W0``."""
     sharded = make_model()
     plain, start = copy.deepcopy(sharded), copy.deepcopy(sharded)
-    for module in sharded.modules():
-        if isinstance(module, torch.nn.Linear):
-            fully_shard(module, mesh=one_rank_group)
-    fully_shard(sharded, mesh=one_rank_group)
+    built_first = make_optimizer(sharded) if optimizer_first else None
+    _shard(sharded, one_rank_group, built_first)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
-    for model in (sharded, plain):
-        opt = make_optimizer(model)
+    for model, opt in ((sharded, built_first or make_optimizer(sharded)), (plain, make_optimizer(plain))):
         for _ in range(3):
             model(x).square().sum().backward()
             opt.step()
@@ -390,6 +406,9 @@ def test_fsdp2_on_one_rank_trains_exactly_like_the_unsharded_model(one_rank_grou
     after = [p.full_tensor() for p in sharded.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(after, plain.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(after, start.parameters())), "it must have trained"
+    if getattr(opt, "decay_base_weight", False):
+        frozen = [name for name, p in plain.named_parameters() if not p.requires_grad and p.dim() == 2]
+        assert frozen and all(not torch.equal(plain.get_parameter(n), start.get_parameter(n)) for n in frozen)
 
 
 def test_an_optimizer_pickled_before_the_sharding_attributes_existed_unpickles_ready_to_step():
@@ -768,3 +787,125 @@ def test_sylvester_solve_is_exact_for_full_rank_factors_of_any_magnitude(scale):
     rhs = torch.randn(4, 4, generator=generator, dtype=torch.float64) * scale ** 2
     X = solve_sylvester(factor_grams(A, B), rhs)
     torch.testing.assert_close((B.T @ B) @ X + X @ (A @ A.T), rhs, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0, -2.0, float("inf"), float("nan"), True, "16"])
+def test_squeeze_factors_refuses_an_alpha_that_is_not_a_positive_finite_number(alpha):
+    from randopt.lorasqueeze.functional import squeeze_factors
+
+    B, A = torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="alpha must be a positive finite number"):
+        squeeze_factors(B, A, alpha, rank=2)
+
+
+@pytest.mark.parametrize("start,end", [(0, 4), (8, 0), (-8, 2)])
+def test_a_geometric_rank_schedule_refuses_a_rank_that_is_not_positive_naming_both_ends(start, end):
+    from randopt.lorasqueeze.training import RankSchedule
+
+    with pytest.raises(ValueError, match=f"start and end must be positive integers, got {start} and {end}"):
+        RankSchedule.geometric(start, end, 100, 3)
+
+
+def test_maybe_squeeze_takes_an_explicit_step_0():
+    """An optimizer without a step counter (SGD), before its first step: ``step=0`` is a valid count, and a stage
+    starting at step 0 squeezes then."""
+    from randopt.lorasqueeze import RankSchedule, maybe_squeeze
+
+    model = lora_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    report = maybe_squeeze(model, optimizer, RankSchedule([(0, 1)]), step=0)
+    assert report is not None and report.step == 0 and {layer.rank for layer in report.layers} == {1}
+    with pytest.raises(ValueError, match="step must be a non-negative integer, got -1"):
+        maybe_squeeze(model, optimizer, RankSchedule([(0, 1)]), step=-1)
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (6, 5)])
+def test_a_randlora_rank_equal_to_the_smaller_side_of_the_largest_matrix_is_accepted(shape):
+    """"at most" the smaller side: rank 5 for a 5 x 6 (or 6 x 5) matrix trains; rank 6 is refused."""
+    weight = torch.nn.Parameter(torch.randn(*shape))
+    opt = randopt.RandLoRAAdamW([weight], rank=5, lr=1e-2)
+    before = weight.detach().clone()
+    weight.grad = torch.randn(*shape)
+    opt.step()
+    assert not torch.equal(weight, before)
+    with pytest.raises(ValueError, match="rank=6 is larger than allowed: at most 5"):
+        randopt.RandLoRAAdamW([torch.nn.Parameter(torch.randn(*shape))], rank=6)
+
+
+def test_an_explicitly_given_w0_that_fully_shard_replaced_is_refused_before_decaying_it(one_rank_group):
+    """Full mode's weight decay on a ``W0`` passed in ``lorapro_groups``: once the factors were sharded after the
+    optimizer was built, that ``W0`` is no longer the model's, so the step refuses instead of decaying a stale
+    copy; an optimizer built from the model finds the sharded ``W0`` itself (test above)."""
+    from randopt.optim.lorapro_adamw import find_lora_pairs, lorapro_groups
+
+    model = _lora_mlp()
+    pairs = find_lora_pairs(model)
+    opt = randopt.LoRAProAdamW(lorapro_groups(pairs), lr=1e-2, mode="full", weight_decay=0.1, decay_base_weight=True)
+    _shard(model, one_rank_group, opt)
+    model(torch.randn(4, 6)).square().sum().backward()
+    with pytest.raises(RuntimeError, match="the base weight W0 it was given .* is not the one in the model now"):
+        opt.step()
+
+
+def test_other_dtensors_swapped_into_an_optimizer_built_on_dtensors_are_refused(one_rank_group):
+    """Only plain parameters replaced by their DTensors are adopted (accelerate's swap); an optimizer given DTensors
+    whose groups later hold different DTensors was not told why: its step refuses."""
+    models = [_mlp(), _mlp()]
+    for model in models:
+        _shard(model, one_rank_group)
+    opt = randopt.RandLoRAAdamW(randopt.param_groups(models[0], ["0", "2"], rank=2, train_rest=True), lr=1e-2)
+    others = dict(models[1].named_parameters())
+    names = {id(p): name for name, p in models[0].named_parameters()}
+    for group in opt.param_groups:
+        group["params"] = [others[names[id(p)]] for p in group["params"]]
+    models[1](torch.randn(4, 6)).square().sum().backward()
+    with pytest.raises(RuntimeError, match="hold DTensors other than the parameters it was given"):
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_lorapro_load_state_dict_puts_moments_on_each_parameters_device_and_counters_on_the_cpu(mode):
+    """As torch's optimizers do, loaded moments follow their parameter's device, while the step and skip counters
+    stay CPU tensors. The meta device stands in for a second device (a GPU) here: parameters on it, a state dict
+    saved on the CPU."""
+    from randopt.optim.lorapro_adamw import lorapro_groups
+
+    def optimizer(A, B, W):
+        return randopt.LoRAProAdamW(lorapro_groups([(A, B, 2.0)], mode=mode) + [{"params": [W]}], lr=1e-2, mode=mode)
+
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in ((2, 6), (5, 2), (3, 4))]
+    opt = optimizer(*params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    opt.step()
+    with torch.device("meta"):
+        on_meta = optimizer(*(torch.nn.Parameter(torch.empty(p.shape)) for p in params))
+    on_meta.load_state_dict(opt.state_dict())
+    devices = {key: value.device.type for state in on_meta.state.values() for key, value in state.items()}
+    assert devices.pop("step") == devices.pop("nonfinite_skips") == "cpu"
+    assert devices and set(devices.values()) == {"meta"}, devices
+
+
+def test_a_sharded_plain_parameter_with_a_nonfinite_gradient_is_skipped_and_counted(one_rank_group):
+    """FSDP2 (one rank): a bias whose gradient holds a NaN keeps its weight and moments; the skip is counted once,
+    and the matrices and other plain parameters step as usual."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    fully_shard(model, mesh=one_rank_group)
+    opt = randopt.RandLoRAAdamW(randopt.param_groups(model, ["0", "2"], rank=2, train_rest=True), lr=1e-2)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    model(x).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    bias = model[0].bias
+    before = {"bias": bias.full_tensor().clone(), "weight": model[2].weight.full_tensor().clone(),
+              **{k: v.full_tensor().clone() for k, v in opt.state[bias].items() if k.startswith("exp_avg")}}
+    model(x).square().sum().backward()
+    bias.grad.to_local()[0] = float("nan")
+    opt.step()
+    assert opt.nonfinite_skips == 1 and int(opt.state[bias]["nonfinite_skips"]) == 1
+    assert torch.equal(bias.full_tensor(), before["bias"])
+    assert all(torch.equal(opt.state[bias][k].full_tensor(), before[k]) for k in before if k.startswith("exp_avg"))
+    assert not torch.equal(model[2].weight.full_tensor(), before["weight"])
