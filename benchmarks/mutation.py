@@ -88,15 +88,27 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",
+    ("randopt/optim/lorapro_adamw.py", "if not locator.distributed or self._real_step.call < 0:  # a new real step",
+     "drop not"): "resets the adjustment metric at every call of a sharded real step instead of its first only: on "
+                  "the sharded route every pair is adjusted in the real step's last call (_finish_real_step), after "
+                  "either reset, so metrics() reads the same (checked bit for bit: LoRAProRun zero/fsdp2/whole, both "
+                  "modes, 3 steps)",
+    ("randopt/optim/locators.py", "return Span(0, p.data, p.grad)", "return None"):
+        "never called: the optimizers ask a locator for spans only on the sharded route (locator.distributed); whole "
+        "tensors take the plain step. WholeTensors.span completes the locator interface",
+    ("randopt/optim/locators.py", "self._where.pop(id(p), None)", "drop call"):
+        "the stale location is never read: span() returns None for a parameter without _hp_mapping before it uses "
+        "_where, and the call that maps the parameter again overwrites the entry",
+    ("randopt/optim/locators.py", "return self.carried_in[id(p)] < self.call", "Lt -> LtE"):
+        "also refreshes the low-precision copies of the parameters the current call carried: DeepSpeed copies those "
+        "itself right after step() returns (ZeRO 1/2: bit16_partitions[...].copy_(fp32_partition) per group; ZeRO-3: "
+        "_reassign_or_swap_out_partitioned_parameters; BF16: update_lp_params), from the same master values, so the "
+        "copy is redundant, not different",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original
 # (still counted as not killed: the distributed tests are not run per mutant)
-DISTRIBUTED_ONLY: dict[tuple[str, str, str], str] = {
-    ("randopt/optim/lorapro_adamw.py", "if not locator.distributed or self._real_step.call < 0:  # a new real step",
-     "drop not"): "in one process every step() is a real step (call stays -1); under DeepSpeed a real step spans "
-                  "several calls and the mutant resets the adjustment each time",
-}
+DISTRIBUTED_ONLY: dict[tuple[str, str, str], str] = {}
 
 
 @dataclass(frozen=True)

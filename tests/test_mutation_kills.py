@@ -909,3 +909,156 @@ def test_a_sharded_plain_parameter_with_a_nonfinite_gradient_is_skipped_and_coun
     assert torch.equal(bias.full_tensor(), before["bias"])
     assert all(torch.equal(opt.state[bias][k].full_tensor(), before[k]) for k in before if k.startswith("exp_avg"))
     assert not torch.equal(model[2].weight.full_tensor(), before["weight"])
+
+
+# ----- a second data-parallel rank, simulated in this process ------------------------------------------------------
+@pytest.fixture
+def second_rank(one_rank_group, monkeypatch):
+    """Collectives as rank 0 of 2 sees them, without a second process: ``get_world_size`` says 2 and an all-reduce
+    (sum) adds the other rank's contribution, ``second_rank["sends"](tensor)``: by default the same tensor, as a rank
+    with the same data sends. Only the collectives the optimizers call are simulated (not FSDP's own)."""
+    import torch.distributed as dist
+
+    contribution = {"sends": lambda tensor: tensor.clone(), "all_reduces": 0}
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        assert op == dist.ReduceOp.SUM and not async_op
+        contribution["all_reduces"] += 1
+        tensor.add_(contribution["sends"](tensor))
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return contribution
+
+
+def _tiny_gradients(model, optimizer, steps, scale=1.0, partitions=False):
+    """Gradients as small as Adam's eps (so that the update depends on their scale), ``scale`` times over."""
+    from test_step_guarantees import zero_gradients, zero_step
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        (model(x).square().sum() * 1e-8 * scale).backward()
+        if partitions:
+            zero_gradients(optimizer)
+            zero_step(optimizer)
+            for group in optimizer.param_groups:  # what DeepSpeed does after step(): partitions to the model
+                for p in optimizer._params_of(group):
+                    p._hp_mapping.update_lp()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+        model.zero_grad()  # under partitions the optimizer's own zero_grad clears only theirs
+
+
+def test_data_parallel_randlora_averages_the_coefficient_gradients_in_one_counted_all_reduce(second_rank):
+    """``data_parallel=True``: one all-reduce per step averages the coefficient gradients (and plain gradients) over
+    the ranks; with the other rank's batch the same, training is exactly that of one process."""
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    opt = randopt.RandLoRAAdamW(randopt.param_groups(model, ["0", "2"], rank=2, train_rest=True), data_parallel=True)
+    alone = randopt.RandLoRAAdamW(randopt.param_groups(twin, ["0", "2"], rank=2, train_rest=True))
+    _tiny_gradients(model, opt, steps=2)
+    _tiny_gradients(twin, alone, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    reduced = sum(s["lambda"].numel() + s["gamma"].numel() if "lambda" in s else s["exp_avg"].numel()
+                  for s in opt.state.values())
+    assert opt.communicated == {"all_reduces": 2, "bytes": 2 * 4 * reduced} and second_rank["all_reduces"] == 2
+
+
+def test_under_zero_the_ranks_partial_coefficient_gradients_are_summed_once_per_real_step(second_rank):
+    """DeepSpeed ZeRO (simulated: flat partitions, one ``step()`` call per group): each rank projects the blocks it
+    owns, and the last call of the real step sums the partial coefficient gradients over the ranks in one all-reduce
+    (not an average: ZeRO's gradients are averaged already). The other rank's partial sums equal to this one's give
+    exactly the coefficients of one process with twice the gradient."""
+    from test_step_guarantees import zero_partitions
+
+    model = _mlp()
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            module.bias.requires_grad_(False)  # only matrices: ZeRO leaves plain gradients to DeepSpeed
+    twin = copy.deepcopy(model)
+    opt = randopt.RandLoRAAdamW([{"params": [model[0].weight], "rank": 2}, {"params": [model[2].weight], "rank": 2}])
+    alone = randopt.RandLoRAAdamW([{"params": [twin[0].weight], "rank": 2}, {"params": [twin[2].weight], "rank": 2}])
+    masters = zero_partitions(opt)
+    _tiny_gradients(model, opt, steps=2, partitions=True)
+    _tiny_gradients(twin, alone, steps=2, scale=2.0)
+    for mine, theirs in ((model[0].weight, twin[0].weight), (model[2].weight, twin[2].weight)):
+        assert torch.equal(masters[mine], theirs)
+        assert torch.equal(opt.state[mine]["lambda"], alone.state[theirs]["lambda"])
+    assert second_rank["all_reduces"] == 2 and opt.communicated["all_reduces"] == 2
+
+
+def test_under_zero_full_mode_a_rank_counts_the_steps_of_the_pairs_another_rank_holds_the_moments_of(second_rank):
+    """Full mode under ZeRO keeps pair i's moments on rank i % world only: on rank 0 of 2, pair 0 gets its moments and
+    its update exactly as in one process, pair 1 no moments, and both count the step (each rank's checkpoint then
+    resumes at the same step). The other rank's contributions are zeros here: it owns no fragment and sends no
+    update, so pair 1 only decays."""
+    from test_step_guarantees import LoRAProRun, same
+
+    second_rank["sends"] = torch.zeros_like
+    run, alone = LoRAProRun("zero", "full", "fp32"), LoRAProRun("whole", "full", "fp32")
+    for seed in range(2):
+        for r in (run, alone):
+            r.set_gradients(seed)
+            r.step()
+    assert second_rank["all_reduces"] == 4  # per real step: the pairs' fragments, then the owners' updates
+    assert same(run.unit("pair0"), alone.unit("pair0"))
+    pair1 = run.unit("pair1")
+    assert int(pair1["A1.step"]) == 2 and "A1.w_exp_avg" not in pair1 and "A1.w_exp_avg" in alone.unit("pair1")
+    assert torch.equal(run.unit("plain W")["W"], alone.unit("plain W")["W"])
+
+
+def test_fsdp2_row_ranges_follow_torch_chunk_over_any_world_size():
+    """FSDP2 shards dim 0 as ``torch.chunk`` does (``ceil(rows / world)`` rows per rank, the last ranks fewer or
+    none): the rows each rank's locator reports are exactly its chunk; a shard of another size is refused."""
+    from randopt.optim.locators import DTensorShards
+
+    def shard(full, world, rank, held=None):
+        chunks = torch.chunk(full, world)
+        local = chunks[rank] if rank < len(chunks) else full[:0]
+        mesh = types.SimpleNamespace(size=lambda: world, get_local_rank=lambda: rank)
+        return types.SimpleNamespace(shape=full.shape, device_mesh=mesh, _local_tensor=local if held is None else held)
+
+    locator = DTensorShards()
+    for rows in (1, 2, 5, 7, 8):
+        full = torch.arange(rows * 3.0).view(rows, 3)
+        for world in (1, 2, 3, 4):
+            pieces = [full[locator.rows(shard(full, world, rank))] for rank in range(world)]
+            assert all(torch.equal(piece, shard(full, world, rank)._local_tensor) for rank, piece in enumerate(pieces))
+            assert torch.equal(torch.cat(pieces), full), (rows, world)
+    with pytest.raises(RuntimeError, match="holds 1 rows on this rank, but an even dim-0 split over 2 ranks gives 3"):
+        DTensorShards.row_start(shard(torch.zeros(5, 3), 2, 0, held=torch.zeros(1, 3)))
+
+
+def test_zero3_ranks_own_consecutive_equal_parts_and_the_last_one_no_padding():
+    """ZeRO-3: rank k owns elements [k * pn, (k + 1) * pn) of a parameter (``pn = partition_numel()``); the padding
+    after the last element belongs to no span, and a rank that holds only padding owns none of it."""
+    import torch.distributed as dist
+
+    from randopt.optim.locators import ZeRO3Partitions
+
+    locator = ZeRO3Partitions()
+    p = types.SimpleNamespace(ds_numel=10, partition_numel=lambda: 4, ds_process_group=None)
+    spans = []
+    for rank in range(4):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dist, "get_rank", lambda group=None: rank)
+            spans.append(locator._span_range(p))
+    assert spans == [(0, 4), (4, 4), (8, 2), None]
+
+
+def test_a_zero_partition_group_that_is_not_one_flat_tensor_is_refused():
+    """DeepSpeed ZeRO 1/2 hands each group one flat 1-D partition: a group holding two tensors, or one that is not
+    flat, means the optimizer is not run the way it expects; the step says so instead of stepping a wrong view."""
+    from test_step_guarantees import zero_partitions
+
+    model = torch.nn.Linear(6, 5)
+    opt = randopt.RandLoRAAdamW([{"params": [model.weight, model.bias], "rank": 2}])
+    zero_partitions(opt)
+    (flat,) = opt.param_groups[0]["params"]
+    model(torch.randn(3, 6)).sum().backward()
+    for params in ([flat, torch.zeros(3)], [flat.view(1, -1)]):
+        opt.param_groups[0]["params"] = params
+        with pytest.raises(RuntimeError, match="one flat partition per parameter group"):
+            opt.step()
