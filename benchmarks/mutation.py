@@ -104,6 +104,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "itself right after step() returns (ZeRO 1/2: bit16_partitions[...].copy_(fp32_partition) per group; ZeRO-3: "
         "_reassign_or_swap_out_partitioned_parameters; BF16: update_lp_params), from the same master values, so the "
         "copy is redundant, not different",
+    ("randopt/optim/randlora_adamw.py",
+     'check_options({k: group[k] for k in GROUP_OPTIONS if k != "rank" and k != "basis_kind"})', "And -> Or"):
+        "also hands rank and basis_kind to check_options, which passes keys it does not know (neither is in "
+        "validation.OPTIONS) through unchecked; _check_group_options discards its result and checks both itself",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original

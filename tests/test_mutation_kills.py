@@ -1062,3 +1062,83 @@ def test_a_zero_partition_group_that_is_not_one_flat_tensor_is_refused():
         opt.param_groups[0]["params"] = params
         with pytest.raises(RuntimeError, match="one flat partition per parameter group"):
             opt.step()
+
+
+def test_a_written_directory_and_its_parent_are_fsynced_entry_by_entry(tmp_path, monkeypatch):
+    """Durability (module docstring of randopt._atomic): every file and every directory of the new tree is fsynced
+    (a directory's fsync makes its entries durable), and so is the parent that the rename changed; links are not
+    followed."""
+    from randopt import _atomic
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def write(d):
+        os.makedirs(os.path.join(d, "sub"))
+        open(os.path.join(d, "a"), "w").write("x")
+        open(os.path.join(d, "sub", "b"), "w").write("y")
+        os.symlink("a", os.path.join(d, "link"))
+
+    _atomic.write_directory(tmp_path / "out", write, overwrite=False, owner_file="a")
+    names = [os.path.relpath(path, os.path.realpath(tmp_path)) for path in synced]
+    # the tree is synced under its temporary name, before the rename: compare paths below it
+    below = {os.path.join(*name.split(os.sep)[1:]) if os.sep in name else "<root>" for name in names
+             if name != "."}
+    assert {"a", "sub", os.path.join("sub", "b"), "<root>"} <= below and "link" not in below
+    assert "." in names, "the parent directory, whose entry the rename changed"
+
+
+def test_unwrapping_an_optimizer_stops_at_a_wrapper_that_wraps_itself():
+    from randopt.integrations.transformers import unwrap_optimizer
+
+    wrapper = types.SimpleNamespace()
+    wrapper.optimizer = wrapper
+    assert unwrap_optimizer(wrapper) is None
+    inner = randopt.RandLoRAAdamW([torch.nn.Linear(6, 5).weight], rank=2)
+    assert unwrap_optimizer(types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=inner))) is inner
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "very_sparse"])
+def test_basis_products_are_row_major_unless_column_major_is_asked_for(kind):
+    """``b_matmul`` returns ``B[rows] @ other`` (plus ``add_to``) in row-major memory, the layout the callers'
+    in-place adds and transposes expect, and in column-major memory only when asked: the same values either way."""
+    from randopt.randlora.bases import make_bases
+
+    layer = make_bases((40, 16), 2, kind=kind).layer(40, 16)
+    other = torch.randn(layer.stored_B.shape[1], 16, generator=torch.Generator().manual_seed(0))
+    add_to = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
+    expected = layer.B @ other
+    for product, with_add in ((layer.b_matmul(other), False), (layer.b_matmul(other, add_to=add_to.clone()), True)):
+        assert product.is_contiguous()
+        torch.testing.assert_close(product, expected + add_to if with_add else expected)
+    column_major = layer.b_matmul(other, column_major=True)
+    assert column_major.T.is_contiguous() and not column_major.is_contiguous()
+    torch.testing.assert_close(column_major, expected)
+
+
+def test_lorapro_efficient_fragment_state_from_another_partitioning_is_refused_before_anything_moves():
+    """Under ZeRO each rank saves the moments of the fragments it owns, with their span (start, count): loading a
+    checkpoint whose factor state covers other elements than this rank owns now (another world size) is refused at
+    the step, with every pair as it was (plain parameters step in their own call, as after a clean step)."""
+    from test_step_guarantees import LoRAProRun, same
+
+    run = LoRAProRun("zero", "efficient", "fp32")
+    run.set_gradients(0)
+    run.step()
+    saved = run.optimizer.state_dict()
+    numel = run.params["B0"].numel()
+    assert saved["state"][1]["span"].tolist() == [0, numel]  # B0, the second parameter
+    saved["state"][1]["span"] = torch.tensor([3, numel])  # as saved by a rank that owned elements 3.. of B0
+    resumed = LoRAProRun("zero", "efficient", "fp32")
+    resumed.optimizer.load_state_dict(saved)
+    resumed.set_gradients(1)
+    before = {name: resumed.unit(name) for name in ("pair0", "pair1")}
+    with pytest.raises(RuntimeError, match="saved with a different partitioning"):
+        resumed.step()
+    assert all(same(resumed.unit(name), unit) for name, unit in before.items())
