@@ -108,6 +108,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      'check_options({k: group[k] for k in GROUP_OPTIONS if k != "rank" and k != "basis_kind"})', "And -> Or"):
         "also hands rank and basis_kind to check_options, which passes keys it does not know (neither is in "
         "validation.OPTIONS) through unchecked; _check_group_options discards its result and checks both itself",
+    ("randopt/_atomic.py", "return False", "return None"):
+        "a `return False` of _running (the writer is gone) or _exchange (no atomic exchange here): their only callers "
+        "read the answer as a truth value (`not _running(pid)`, `if _exchange(new, out_dir)`), and None is as false "
+        "as False",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original

@@ -1142,3 +1142,44 @@ def test_lorapro_efficient_fragment_state_from_another_partitioning_is_refused_b
     with pytest.raises(RuntimeError, match="saved with a different partitioning"):
         resumed.step()
     assert all(same(resumed.unit(name), unit) for name, unit in before.items())
+
+
+@pytest.mark.parametrize("writer,kept", [("running", True), ("another user's", True), ("gone", False)])
+def test_leftovers_of_a_writer_are_removed_only_once_it_is_gone(tmp_path, monkeypatch, writer, kept):
+    """A hidden directory beside OUT belongs to the writer whose pid it names: while that process runs (also one of
+    another user, which ``kill(pid, 0)`` may not signal) it is left alone; once it is gone, the next write removes it."""
+    from randopt import _atomic
+
+    def kill(pid, signal):
+        assert signal == 0
+        if writer == "another user's":
+            raise PermissionError(1, "Operation not permitted")
+        if writer == "gone":
+            raise ProcessLookupError(3, "No such process")
+
+    pid = os.getpid() + 1
+    leftover = tmp_path / f".out.tmp-{pid}-0123abcd"
+    leftover.mkdir()
+    monkeypatch.setattr(os, "kill", kill)
+    _atomic.write_directory(tmp_path / "out", lambda d: open(os.path.join(d, "a"), "w").write("x"), overwrite=False,
+                            owner_file="a")
+    assert leftover.exists() == kept and (tmp_path / "out" / "a").read_text() == "x"
+
+
+@pytest.mark.parametrize("optimizer_name", ["RandLoRAAdamW", "LoRAProAdamW"])
+def test_other_plain_tensors_swapped_into_the_groups_are_refused_not_adopted(optimizer_name):
+    """Only DTensors that replaced the optimizer's parameters (accelerate's FSDP2 swap) are adopted: plain tensors of
+    the same shapes put in their place are no storage the optimizer knows, and its step refuses them, changing
+    nothing."""
+    model = _lora_mlp() if optimizer_name == "LoRAProAdamW" else _mlp()
+    opt = randopt.LoRAProAdamW(model, lr=1e-2) if optimizer_name == "LoRAProAdamW" else \
+        randopt.RandLoRAAdamW(randopt.param_groups(model, ["0", "2"], rank=2, train_rest=True), lr=1e-2)
+    model(torch.randn(4, 6)).square().sum().backward()
+    for group in opt.param_groups:
+        group["params"] = [torch.nn.Parameter(p.detach().clone()) for p in group["params"]]
+        for new in group["params"]:
+            new.grad = torch.ones_like(new)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="no longer hold the parameters it was given"):
+        opt.step()
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items()) and not opt.state
