@@ -3,19 +3,25 @@
 that the checkout under test is what runs, join the process group and leave it cleanly.
 
 - Ports: torchrun's ``--standalone`` rendezvous binds port 0 in the launcher itself and hands the port to its
-  workers, so the port is free by construction (no probe-then-bind race). The fixed port 29517 used before was the
-  cause of the rare "rank 1 aborted (SIGABRT, terminate called without an active exception)": reproduced by
-  starting a second run on the same port while the first was finishing (10 pairs, second run started 3..30 s
-  later: 8 second runs failed with EADDRINUSE, once the first run's rank 1 aborted so, 1 pair did not overlap),
-  never with distinct ports (20 of 20 under the same load). Several people running the suite on one machine
-  collide like this. With this launcher: 20 runs of the data-parallel test, two at a time, load average 35-40 on
-  2 cores: 20 passed.
-- Every launch has a timeout; a failure or timeout reports the tail of each rank's own stdout/stderr.
+  workers, so the port is free by construction (no probe-then-bind race). A fixed port (29517 before) made two
+  runs on one machine collide (EADDRINUSE).
+- Every launch has a timeout; a failure or timeout reports the tail of each rank's own stdout/stderr, and every
+  rank has faulthandler on, so a native abort names where each thread was.
 - PYTHONPATH gets the checkout and ``tests/`` prepended (kept otherwise), and the script verifies that
   ``randopt`` and ``randopt.integrations`` were imported from this checkout, not from another installed copy.
-- Leaving: ``finish_distributed`` waits for every rank and destroys the process group while the interpreter is
-  fully alive: a rank that exits with gloo still set up can also die with SIGABRT in interpreter teardown.
+- Leaving: the rare "rank 1 aborted (SIGABRT, terminate called without an active exception)" was a gloo
+  backend that outlived ``destroy_process_group`` and met interpreter finalization. Something may keep the group
+  referenced after it is destroyed: ``torch.distributed.nn.functional`` takes ``group=group.WORLD`` as a default
+  argument when it is first imported, and building a transformers model after joining imports it (through
+  ``torch.distributed.fsdp``); ``fully_shard`` keeps one too. The backend's worker threads then live on, and one
+  still releasing a finished all-reduce (tensors with Python objects) needs the GIL during ``Py_FinalizeEx``:
+  the thread is made to exit, unwinding through a noexcept destructor, and the process aborts (core dump:
+  ``ProcessGroupGloo::AsyncWork::~AsyncWork`` -> ``take_gil`` -> ``pthread_exit`` on a ``pt_gloo_runloop``
+  thread while the main thread finalizes; 1 in 77 runs of the data-parallel test at load 2-6). So
+  ``finish_distributed`` ends the process: every rank has passed the barrier and written its files, it leaves
+  the group, flushes its output and exits with ``os._exit(0)``, without interpreter finalization.
 """
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,19 +103,40 @@ def check_checkout() -> None:
                                f"under test {checkout}: install it with `pip install -e {checkout}`")
 
 
-def start_distributed(backend: str = "gloo") -> tuple[int, int]:
-    """Check the checkout, join the default process group; return (rank, world size)."""
+def start_distributed(backend: str = "gloo", join=None) -> tuple[int, int]:
+    """Check the checkout, join the default process group (with ``join(backend)`` where given, e.g. DeepSpeed's
+    own initialisation); return (rank, world size)."""
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.enable(all_threads=True)
     check_checkout()
-    dist.init_process_group(backend)
+    (join or dist.init_process_group)(backend)
     return dist.get_rank(), dist.get_world_size()
 
 
 def finish_distributed() -> None:
-    """Wait for every rank, then destroy the process group (see the module docstring for why)."""
+    """Wait for every rank, leave the process group and end the process without interpreter finalization (see
+    the module docstring for why): call it last, after every file is written."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A 1-rank gloo process group in this process (FSDP2 and DTensors without torchrun); yields its CPU mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import randopt
+import distributed
 from conftest import LLAMA_TARGETS, tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -169,15 +170,12 @@ def test_second_moments_use_the_finer_unsigned_map():
 def test_dtensor_moments_follow_the_shards_and_only_8bit_is_refused():
     """FSDP2's DTensor parameters, in one process (a 1-rank gloo group): fp32/bf16 moments of any size are DTensors
     sharded like the parameter; 8-bit moments are refused."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from randopt.optim.state import init_moment
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        like = distribute_tensor(torch.zeros(64, 64), init_device_mesh("cpu", (1,)), [Shard(0)])  # 4096 elements
+    with distributed.one_rank_group() as mesh:
+        like = distribute_tensor(torch.zeros(64, 64), mesh, [Shard(0)])  # 4096 elements
         state = {}
         init_moment(state, "exp_avg", like, "fp32")
         init_moment(state, "exp_avg_sq", like, "bf16")
@@ -186,8 +184,6 @@ def test_dtensor_moments_follow_the_shards_and_only_8bit_is_refused():
             assert state[name].to_local().dtype == dtype
         with pytest.raises(ValueError, match="not supported for DTensor"):
             init_moment({}, "exp_avg", like, "8bit")
-    finally:
-        dist.destroy_process_group()
 
 
 # ----- survivors of the sampled run (benchmarks/results/mutation.md) -------------------------------------------------
@@ -343,14 +339,8 @@ def test_a_lora_layer_without_a_2d_floating_base_weight_trains_without_a_base_ha
 @pytest.fixture
 def one_rank_group():
     """A 1-rank gloo process group in this process: FSDP2 and DTensors without torchrun."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+    with distributed.one_rank_group() as mesh:
+        yield mesh
 
 
 def _mlp():

@@ -16,6 +16,7 @@ from randopt.optim import precision as precision_module
 from randopt.optim import randlora_adamw as randlora_module
 from randopt.optim import state as state_module
 
+import distributed
 from test_validation import Pair, TwoLayer, assert_same, backward, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -361,11 +362,8 @@ def same(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A 1-rank gloo process group (FSDP2's DTensors need one); the other storages ignore it."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with distributed.one_rank_group() as mesh:
+        yield mesh
 
 
 # what a LoRA-Pro step calls while it computes (and under sharding, its all-reduces): each may fail

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 import randopt
-from distributed import check_checkout, finish_distributed
+from distributed import finish_distributed, start_distributed
 from randopt.integrations import deepspeed as randopt_deepspeed
 
 STEPS, RESUME_AT, SEQ, GLOBAL_BATCH = 5, 3, 8, 4
@@ -348,8 +348,7 @@ def trainer_checks(out_dir) -> dict:
 
 
 def main(out_dir):
-    check_checkout()
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_distributed(join=lambda backend: deepspeed.init_distributed(dist_backend=backend))
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 50, (GLOBAL_BATCH, SEQ), generator=generator) for _ in range(STEPS)]
     only = os.environ.get("RANDOPT_DS_CASES")
