@@ -141,7 +141,7 @@ def test_stepping_groups_one_at_a_time_counts_steps_per_parameter():
 
 @pytest.mark.parametrize("state_dtype", ["fp32", "8bit"])
 def test_batched_coefficient_adamw_equals_one_matrix_at_a_time(state_dtype):
-    """The coefficient AdamW of a group's matrices runs batched (``adamw_steps_``): bit-identical to a group per
+    """The coefficient AdamW of a group's matrices runs batched (``adamw_results``): bit-identical to a group per
     matrix, where each runs alone; also with step counts that differ between the matrices."""
     data = batches(4)
     runs = []
@@ -163,37 +163,61 @@ def test_batched_coefficient_adamw_equals_one_matrix_at_a_time(state_dtype):
         assert torch.equal(p, q)
 
 
-def test_adamw_steps_equals_adamw_step_on_each_tensor():
-    from randopt.optim.functional import adamw_step_, adamw_steps_
-
-    generator = torch.Generator().manual_seed(0)
-    shapes, steps = [(3, 5), (7,), (2, 2, 2)], [1, 4, 9]
-
-    def tensors(kind):
-        return [torch.randn(shape, generator=generator).abs() if kind == "v" else torch.randn(shape, generator=generator)
-                for shape in shapes]
-
-    params, grads, exp_avgs, exp_avg_sqs = (tensors(kind) for kind in ("p", "g", "m", "v"))
-    one_by_one = [[t.clone() for t in ts] for ts in (params, exp_avgs, exp_avg_sqs)]
-    adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, steps, 1e-2, 0.9, 0.99, 1e-8, 0.1)
-    for i, step in enumerate(steps):
-        adamw_step_(one_by_one[0][i], grads[i], one_by_one[1][i], one_by_one[2][i], step, 1e-2, 0.9, 0.99, 1e-8, 0.1)
-    for batched, single in zip((params, exp_avgs, exp_avg_sqs), one_by_one):
-        assert all(torch.equal(b, s) for b, s in zip(batched, single))
+def adamw_inputs(seed, shapes):
+    """``(params, grads, exp_avgs, exp_avg_sqs)``: random tensors of ``shapes``, second moments non-negative."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple([torch.randn(shape, generator=generator).abs() if kind == "v" else
+                  torch.randn(shape, generator=generator) for shape in shapes] for kind in ("p", "g", "m", "v"))
 
 
-def test_out_of_place_moments_and_a_scratch_denominator_equal_the_in_place_rule():
-    from randopt.optim.functional import adam_direction, adamw_step_, updated_moments
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_results_batched_equal_each_tensor_alone_and_the_rule_written_out(weight_decay):
+    """Bit-identical whether batched or one tensor at a time, and to the rule written out per tensor with ordinary
+    tensor operations; the moments equal ``torch.optim.AdamW``'s bit for bit, the weights up to rounding (torch folds
+    ``lr / (1 - beta1^step)`` into one factor); nothing given changes."""
+    import math
 
-    generator = torch.Generator().manual_seed(1)
-    grad, exp_avg, exp_avg_sq = (torch.randn(6, 9, generator=generator) for _ in range(3))
-    exp_avg_sq = exp_avg_sq.abs()
+    from randopt.optim.functional import adamw_results
+
+    lr, beta1, beta2, eps = 1e-2, 0.9, 0.99, 1e-8
+    shapes, steps = [(3, 5), (7,), (2, 2, 2), (64, 64)], [1, 4, 9, 2]
+    inputs = adamw_inputs(0, shapes)
+    given = [[t.clone() for t in ts] for ts in inputs]
+    batched = adamw_results(*inputs, steps, lr, beta1, beta2, eps, weight_decay)
+    assert all(torch.equal(a, b) for ts, copies in zip(inputs, given) for a, b in zip(ts, copies))
+    for i, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(*inputs)):
+        alone = adamw_results([param], [grad], [exp_avg], [exp_avg_sq], [steps[i]], lr, beta1, beta2, eps,
+                              weight_decay)
+        exp_avg_ref = exp_avg.lerp(grad, 1 - beta1)
+        exp_avg_sq_ref = (exp_avg_sq * beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = exp_avg_sq_ref.sqrt() / math.sqrt(1 - beta2 ** steps[i]) + eps
+        param_ref = (param * (1 - lr * weight_decay)).add(exp_avg_ref / (1 - beta1 ** steps[i]) / denom, alpha=-lr)
+        for result, single, ref in zip(batched, alone, (param_ref, exp_avg_ref, exp_avg_sq_ref)):
+            assert torch.equal(result[i], single[0]) and torch.equal(result[i], ref)
+        torch_param = param.clone().requires_grad_()
+        torch_param.grad = grad.clone()
+        torch_opt = torch.optim.AdamW([torch_param], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        torch_opt.state[torch_param] = {"step": torch.tensor(float(steps[i] - 1)), "exp_avg": exp_avg.clone(),
+                                        "exp_avg_sq": exp_avg_sq.clone()}
+        torch_opt.step()
+        torch_state = torch_opt.state[torch_param]
+        assert torch.equal(batched[1][i], torch_state["exp_avg"])
+        assert torch.equal(batched[2][i], torch_state["exp_avg_sq"])
+        torch.testing.assert_close(batched[0][i], torch_param.detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_out_of_place_moments_and_a_scratch_denominator_equal_adamw_results():
+    from randopt.optim.functional import adam_direction, adamw_results, updated_moments
+
+    (param,), (grad,), (exp_avg,), (exp_avg_sq,) = adamw_inputs(1, [(6, 9)])
+    given = [t.clone() for t in (grad, exp_avg, exp_avg_sq)]
     new_exp_avg, new_exp_avg_sq = updated_moments(grad, exp_avg, exp_avg_sq, 0.9, 0.99)
     direction = adam_direction(new_exp_avg, new_exp_avg_sq, 3, 0.9, 0.99, 1e-8, scratch=grad.clone())
-    param = torch.zeros(6, 9)
-    adamw_step_(param, grad, exp_avg, exp_avg_sq, 3, 1.0, 0.9, 0.99, 1e-8, 0.0)  # param = -direction, in place
-    assert torch.equal(new_exp_avg, exp_avg) and torch.equal(new_exp_avg_sq, exp_avg_sq)
-    assert torch.equal(direction, -param)
+    (new_param,), (exp_avg_ref,), (exp_avg_sq_ref,) = adamw_results([torch.zeros(6, 9)], [grad], [exp_avg],
+                                                                    [exp_avg_sq], [3], 1.0, 0.9, 0.99, 1e-8, 0.0)
+    assert torch.equal(new_exp_avg, exp_avg_ref) and torch.equal(new_exp_avg_sq, exp_avg_sq_ref)
+    assert torch.equal(direction, -new_param)  # zero weight, lr 1, no decay: the new weight is minus the direction
+    assert all(torch.equal(a, b) for a, b in zip((grad, exp_avg, exp_avg_sq), given))
 
 
 def test_state_dict_is_tensors_only_and_resume_is_bit_exact(tmp_path):

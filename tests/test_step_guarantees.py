@@ -368,7 +368,7 @@ def one_rank_group():
 
 # what a LoRA-Pro step calls while it computes (and under sharding, its all-reduces): each may fail
 LORAPRO_STEP_FUNCTIONS = ["factor_grams", "projected_gradient", "lora_gradients", "adjust_gradients",
-                          "adam_direction", "updated_moments", "adamw_step_", "read_moment", "write_moment",
+                          "adam_direction", "updated_moments", "adamw_results", "_adam_directions", "read_moment",
                           "encode_moment", "quantize", "_all_reduce_"]
 
 
@@ -396,8 +396,8 @@ def test_a_failure_inside_a_lorapro_step_leaves_every_pair_and_parameter_as_it_w
                     r.set_gradients(clean_steps)
                 before = {name: run.unit(name) for name in run.units}
                 reference.step()
-                owner = run.optimizer if function == "_all_reduce_" else \
-                    state_module if function == "quantize" else lorapro_adamw
+                owner = run.optimizer if function == "_all_reduce_" else state_module if function == "quantize" else \
+                    functional_module if function == "_adam_directions" else lorapro_adamw
                 failed = failed_with(run.step, owner, function, call)
                 for name in run.units:
                     after = run.unit(name)

@@ -1,13 +1,12 @@
 """The one AdamW update rule every randopt optimizer uses, as functions over fp32 tensors.
 
 Storage of the moments (fp32, bf16, 8-bit) is a separate concern (``state.py``): callers read the
-moments into fp32 working tensors, call these functions, and write them back.
+moments into fp32 working tensors, call these functions, and encode the results back.
 
-Not guarded: these functions take their tensors and numbers as given (the optimizers validate them) and work
-(the ``_``-suffixed ones) in place; a function cannot know that it already ran, so calling ``adamw_step_`` twice
-applies two steps, and a failure halfway (e.g. mismatched shapes) can leave ``param`` decayed but not stepped. The
-optimizers compute new tensors (``adamw_results``, ``updated_moments``) or on copies and commit only complete
-results.
+Out of place: the update functions return new tensors and change nothing they are given (``adam_direction``'s optional
+``scratch`` is the one tensor it writes, and only where the caller hands it over). So a step computes every result
+first, from state it shares with the stored one instead of copying it, and stores them only once all exist: a failure
+on the way changes nothing. Not guarded: the tensors and numbers are taken as given (the optimizers validate them).
 """
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
 
 def updated_moments(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float,
                     beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The moments after one update, as new tensors (the same operations as ``adamw_steps_``, bit-identical), for a
-    caller that must keep the old ones: no copy first (LoRA-Pro full mode's moments are ``m x n``)."""
+    """The moments after one update, as new tensors (the same operations as ``adamw_results``, bit-identical), for a
+    caller that must keep the old ones without copying them first (LoRA-Pro full mode's moments are ``m x n``)."""
     (new_exp_avg,), (new_exp_avg_sq,) = _updated_all_moments([grad], [exp_avg], [exp_avg_sq], beta1, beta2)
     return new_exp_avg, new_exp_avg_sq
 
@@ -40,32 +39,16 @@ def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, b
                             None if scratch is None else [scratch])[0]
 
 
-def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """One AdamW step in place, as ``torch.optim.AdamW`` computes it (decoupled decay first)."""
-    adamw_steps_([param], [grad], [exp_avg], [exp_avg_sq], [step], lr, beta1, beta2, eps, weight_decay)
-
-
-def adamw_steps_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                 exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float,
-                 weight_decay: float) -> None:
-    """``adamw_step_`` on every ``params[i]`` (its own step count ``steps[i]``), batched with ``torch._foreach_*``
-    as ``torch.optim.AdamW``'s multi-tensor path does: one call per operation instead of one per tensor, the same
-    elementwise operations in the same order, so each tensor's result is bit-identical to ``adamw_step_`` on it."""
-    if not params:
-        return
-    if weight_decay:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
-    torch._foreach_add_(params, _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps), alpha=-lr)
-
-
 def adamw_results(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], steps: list[int], lr: float, beta1: float, beta2: float, eps: float,
                   weight_decay: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """``(new params, new exp_avgs, new exp_avg_sqs)`` after ``adamw_steps_``, as new tensors (bit-identical to it):
-    nothing given changes, so a caller can compute every result first and store them only once all exist, without
-    copying the old values first."""
+    """``(new params, new exp_avgs, new exp_avg_sqs)`` after one AdamW step of every ``params[i]`` (its own step count
+    ``steps[i]``), as ``torch.optim.AdamW`` computes it (decoupled decay), as new tensors: nothing given changes, so a
+    caller can compute every result first and store them only once all exist, without copying the old values first.
+    Batched with ``torch._foreach_*`` as ``torch.optim.AdamW``'s multi-tensor path is: one call per operation instead
+    of one per tensor, the same elementwise operations in the same order, so each tensor's result is bit-identical to
+    a call on it alone. The moments equal ``torch.optim.AdamW``'s bit for bit, the parameters up to rounding (it folds
+    ``lr / (1 - beta1^step)`` into one factor)."""
     if not params:
         return [], [], []
     new_exp_avgs, new_exp_avg_sqs = _updated_all_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -82,12 +65,6 @@ def _updated_all_moments(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: floa
     new_exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(new_exp_avg_sqs, grads, grads, value=1 - beta2)
     return torch._foreach_lerp(exp_avgs, grads, 1 - beta1), new_exp_avg_sqs
-
-
-def _update_all_moments_(grads, exp_avgs, exp_avg_sqs, beta1: float, beta2: float) -> None:
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
 
 def _adam_directions(exp_avgs, exp_avg_sqs, steps, beta1: float, beta2: float, eps: float,

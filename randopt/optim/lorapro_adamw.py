@@ -49,16 +49,16 @@ from ..lorapro.functional import (adjust_gradients, check_x_mode, factor_grams, 
 from ..randlora.quantized import is_quantized, refuse_quantized
 from ..validation import (GroupChecks, check_dense_gradient, check_options, check_params, check_saved_state, choice,
                           filled_in, group_params, module as validation_module)
-from .functional import adam_direction, adamw_step_, updated_moments
+from .functional import adam_direction, adamw_results, updated_moments
 from .locators import DTensorShards, is_dtensor, logical_shape, shard_like
 from .partitioned import PartitionAwareOptimizer
-from .state import (BLOCK_SIZE, CODES, MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment,
-                    write_moment)
+from .state import BLOCK_SIZE, CODES, MIN_8BIT_SIZE, check_state_dtype, encode_moment, init_moment, read_moment
 
 MODES = ("full", "efficient")
 _FULL_MOMENTS = ("w_exp_avg", "w_exp_avg_sq")
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _COUNTERS = ("step", "nonfinite_skips")
+_MOMENT_PREFIXES = (_MOMENTS[0], _FULL_MOMENTS[0])  # state keys of the moments (with 8-bit suffixes)
 GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay", "mode", "x_mode", "rcond", "lora_scale")
 
 
@@ -193,16 +193,17 @@ def _working(param: torch.Tensor) -> torch.Tensor:
 
 
 def _adamw_result(weight, grad, state, step, group) -> torch.Tensor:
-    """``weight`` (of any float dtype) after one ``adamw_step_``, as a new tensor of the working dtype; the moments
-    are updated in ``state``, which must be the step's copy (``_trial``): nothing stored changes."""
+    """``weight`` (of any float dtype) after one AdamW step (``adamw_results``), as a new tensor of the working dtype.
+    The new moments replace those in ``state``, the step's copy (``_trial``), whose moments may be the stored
+    tensors: they are read, never written, so nothing stored changes."""
     exp_avg, exp_avg_sq = (read_moment(state, n) for n in _MOMENTS)
-    work = weight.detach().to(working_dtype(weight.dtype), copy=True)
     beta1, beta2 = group["betas"]
-    adamw_step_(work, grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2, group["eps"],
-                group["weight_decay"])
-    write_moment(state, "exp_avg", exp_avg)
-    write_moment(state, "exp_avg_sq", exp_avg_sq)
-    return work
+    (new_weight,), new_exp_avgs, new_exp_avg_sqs = adamw_results(
+        [weight.detach().to(working_dtype(weight.dtype))], [grad.to(exp_avg.dtype)], [exp_avg], [exp_avg_sq], [step],
+        group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+    for name, (value,) in zip(_MOMENTS, (new_exp_avgs, new_exp_avg_sqs)):
+        state.update(encode_moment(state, name, value))
+    return new_weight
 
 
 def _decay_base_weight_(weight: torch.Tensor, factor: float) -> None:
@@ -411,10 +412,11 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _trial(self, p) -> dict:
         """A copy of ``p``'s state (empty before its first step) for a step to compute on: the step stores it whole
-        once it is complete, so a failure on the way leaves the stored state as it was. Full mode's ``m x n`` moments
-        are shared, not copied: a step replaces them by new tensors (``_direction_gradients``), never writes into
-        them."""
-        return {key: value if key.startswith(_FULL_MOMENTS[0]) else value.clone()
+        once it is complete, so a failure on the way leaves the stored state as it was. The moments (every storage:
+        fp32/bf16 tensors, 8-bit codes and scales) are shared, not copied: a step replaces them by new tensors
+        (``_direction_gradients``, ``_adamw_result``), never writes into them; the counters, which it increments in
+        place, are copied."""
+        return {key: value if key.startswith(_MOMENT_PREFIXES) else value.clone()
                 for key, value in self.state.get(p, {}).items()}
 
     def _plain_trial(self, p, like) -> dict:
@@ -490,9 +492,10 @@ class LoRAProAdamW(PartitionAwareOptimizer):
         return gA, gB, int(state["step"])
 
     def _full_step(self, group, state, A_w, B_w, gA_lora, gB_lora, grams):
-        """Full mode on a whole pair: the new factors (new tensors), the moments and step updated in ``state`` (the
-        step's copy), or None when the pair is to be skipped: its gradients are not finite, or its finite gradients
-        still give a non-finite update (e.g. a tiny ``lora_scale``, whose closed form divides by its square)."""
+        """Full mode on a whole pair: the new factors (new tensors), the moments replaced and the step counted in
+        ``state`` (the step's copy), or None when the pair is to be skipped: its gradients are not finite, or its
+        finite gradients still give a non-finite update (e.g. a tiny ``lora_scale``, whose closed form divides by its
+        square)."""
         gA, gB = self._full_update(group, state, A_w, B_w, gA_lora, gB_lora, grams)
         A_new, B_new = A_w.clone(), B_w.clone()
         self._decay_and_descend(group, A_new, B_new, gA, gB)
@@ -716,7 +719,7 @@ class LoRAProAdamW(PartitionAwareOptimizer):
 
     def _fragment_result(self, p, grad, span, step, group, state) -> torch.Tensor:
         """Efficient mode: the fragment this rank owns after AdamW (a new tensor), moments sized like the fragment
-        updated in ``state`` (the step's copy)."""
+        replaced in ``state`` (the step's copy)."""
         if _MOMENTS[0] not in state and _MOMENTS[0] + CODES not in state:
             for name in _MOMENTS:
                 self._init_moment(state, name, span.state_like)
