@@ -4,8 +4,10 @@ A moment ``name`` is kept either as ``state[name]`` (fp32; fp64 for fp64 paramet
 moment when asked) or, in 8-bit, as ``state[name + "_codes"]`` (uint8, block-wise dynamic quantisation
 through bitsandbytes: a signed map for first moments, an unsigned one for second moments) plus
 ``state[name + "_absmax"]`` (one fp32 scale per block). Every optimizer reads moments into working
-tensors with ``read_moment`` and stores them back with ``write_moment``: one update rule, several
-storages. For fp32 the working tensor *is* the stored one, so nothing is copied.
+tensors with ``read_moment`` and stores them back with ``write_moment``, or, to store them only once a
+whole step is computed, ``encode_moment``: one update rule, several storages. For fp32 the working tensor
+*is* the stored one, so nothing is copied, and writing into it writes into the stored state (the update
+rule in ``functional.py`` returns new tensors instead).
 """
 from __future__ import annotations
 
