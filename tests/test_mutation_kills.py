@@ -1173,3 +1173,81 @@ def test_other_plain_tensors_swapped_into_the_groups_are_refused_not_adopted(opt
     with pytest.raises(RuntimeError, match="no longer hold the parameters it was given"):
         opt.step()
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items()) and not opt.state
+
+
+def test_a_model_whose_lora_layers_have_no_plain_pair_is_refused_with_their_count():
+    peft = pytest.importorskip("peft")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 1))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "1"]))
+    with pytest.warns(UserWarning, match="not a plain 2-D LoRA pair"):
+        with pytest.raises(ValueError, match="model: 2 LoRA layers but none has a 2-D pair"):
+            randopt.LoRAProAdamW(model)
+
+
+@pytest.mark.parametrize("change", [("full", "efficient"), ("efficient", "full")])
+def test_the_mode_of_a_stepped_pair_cannot_change(change):
+    """Full mode keeps a pair's m x n moments with A, efficient mode per-factor moments: a group switched to the other
+    mode after a step is refused (both ways), before anything moves."""
+    before_mode, after_mode = change
+    model = lora_llama()
+    opt = randopt.LoRAProAdamW(model, lr=1e-2, mode=before_mode)
+    train(model, opt, 1)
+    group = next(g for g in opt.param_groups if g["lora_scale"] is not None)
+    group["mode"] = after_mode
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"mode='{after_mode}' but its state holds the other mode's moments"):
+        train(model, opt, 1)
+    assert all(torch.equal(value, weights[key]) for key, value in model.state_dict().items())
+
+
+def test_a_lora_layer_that_does_not_say_it_uses_rslora_is_squeezed_as_plain_lora():
+    """``use_rslora`` without an entry for the adapter (a LoRA layer built by other code than PEFT's config path):
+    plain LoRA's ``alpha / r`` scale, which the layer's ``scaling`` matches, so it squeezes."""
+    from randopt.lorasqueeze import squeeze_in_training
+
+    model = lora_llama()
+    for module in model.modules():
+        if isinstance(getattr(module, "use_rslora", None), dict):
+            module.use_rslora.clear()
+    report = squeeze_in_training(model, None, rank=1)
+    assert {layer.rank for layer in report.layers} == {1}
+
+
+@pytest.mark.parametrize("args,fingerprint", [
+    (((40, 16), 2, 0, "dense"), "53289c9bf4ae74b4965ea12a940a4557"),
+    (((64, 300), 8, 7, "dense"), "9ffbed6bf7d7572328f4a0371c1258f0"),
+    (((5, 6), 1, 123, "dense"), "f5efd0a58b9a0798b528f016e7272508"),
+    (((40, 16), 3, 0, "dense"), "fffe185a5e2c3f7cc6549154d42856f4"),
+    (((30, 20), 5, 2, "dense"), "5568742a33f2704d6add3a361e8bca1c"),
+    (((40, 16), 4, 3, "sparse"), "1bae7c9d1fa1c3119719571c7696cb62"),
+    (((48, 40), 3, 1, "very_sparse"), "90060705e65d6a0e7199cb03095207a2"),
+])
+def test_the_bases_of_a_seed_never_change(args, fingerprint):
+    """A checkpoint keeps only the bases' fingerprint and an adapter may keep only the seed: the bases drawn for a
+    (shape, rank, seed, kind) must stay bit for bit what they were (values from fp32 CPU draws, machine-independent)."""
+    from randopt.randlora.bases import make_bases
+
+    assert make_bases(*args).fingerprint == fingerprint
+
+
+@pytest.mark.parametrize("make_model,make_optimizer", [
+    (_mlp, lambda m: randopt.RandLoRAAdamW(randopt.param_groups(m, ["0", "2"], rank=2), lr=1e-2)),
+    (_lora_mlp, lambda m: randopt.LoRAProAdamW(m, lr=1e-2, mode="efficient")),
+], ids=["RandLoRAAdamW", "LoRAProAdamW"])
+def test_under_fsdp2_the_optimizers_reduce_over_the_meshs_process_group(second_rank, one_rank_group, make_model,
+                                                                        make_optimizer):
+    """The ranks that hold the other shards of a parameter are its device mesh's group, which need not be the default
+    group (a sub-mesh): the optimizers' all-reduces go to that group."""
+    import torch.distributed as dist
+
+    groups = []
+    reduce = dist.all_reduce
+    model = make_model()
+    _shard(model, one_rank_group)
+    opt = make_optimizer(model)
+    model(torch.randn(4, 6)).square().sum().backward()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dist, "all_reduce", lambda tensor, group=None, **kw: groups.append(group) or reduce(tensor, **kw))
+        second_rank["sends"] = torch.zeros_like
+        opt.step()
+    assert groups and all(group is one_rank_group.get_group() for group in groups)
