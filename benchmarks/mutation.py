@@ -112,6 +112,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a `return False` of _running (the writer is gone) or _exchange (no atomic exchange here): their only callers "
         "read the answer as a truth value (`not _running(pid)`, `if _exchange(new, out_dir)`), and None is as false "
         "as False",
+    ("randopt/randlora/autograd.py", "needs_coefficients: bool = False, dtype=None) -> bool:", "False -> True"):
+        "a default no library code uses: the only caller, RandLoRALinearFunction.forward, passes needs_coefficients "
+        "(tests and benchmarks/layer_speed.py call the cost model directly); the route it picks computes the same "
+        "product either way, only its cost differs",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original

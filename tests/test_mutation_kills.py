@@ -524,7 +524,7 @@ def test_deepspeed_initialize_without_a_config_is_plain_deepspeed(monkeypatch):
     assert calls == [{"model": model, "config": None, "model_parameters": []}]
 
 
-def test_export_lora_takes_zero_oversampling_and_power_iterations():
+def test_export_lora_takes_zero_oversampling_and_power_iterations_and_defaults_to_two():
     from randopt.lorasqueeze import export_lora
 
     model = tiny_llama()
@@ -534,6 +534,10 @@ def test_export_lora_takes_zero_oversampling_and_power_iterations():
             torch.nn.init.normal_(module.randlora_lambda)
     result = export_lora(model, rank=1, method="randomized", oversample=0, power_iters=0)
     assert {layer.rank for layer in result.layers} == {1}
+    default, two = (export_lora(model, rank=1, method="randomized", oversample=0, **options).tensors
+                    for options in ({}, {"power_iters": 2}))
+    assert default.keys() == two.keys() and all(torch.equal(default[k], two[k]) for k in default)
+    assert any(not torch.equal(result.tensors[k], two[k]) for k in two), "the power iterations must matter here"
     assert result.config["init_lora_weights"] is True and result.config["use_dora"] is False  # PEFT's defaults
     assert result.config["inference_mode"] is True  # as PEFT's save_pretrained writes it
 
@@ -1251,3 +1255,84 @@ def test_under_fsdp2_the_optimizers_reduce_over_the_meshs_process_group(second_r
         second_rank["sends"] = torch.zeros_like
         opt.step()
     assert groups and all(group is one_rank_group.get_group() for group in groups)
+
+
+@pytest.mark.parametrize("frozen", ["randlora_lambda", "randlora_gamma"])
+def test_training_only_one_randlora_coefficient_gives_it_the_same_gradient(frozen):
+    """Either coefficient may be frozen: the other's gradient is the one it gets when both train."""
+    grads = {}
+    for freeze in (None, frozen):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 5))
+        randopt.inject_randlora(model, ["0", "1"], rank=2)
+        for module in model.modules():
+            if hasattr(module, "randlora_lambda"):
+                torch.nn.init.normal_(module.randlora_lambda, generator=torch.Generator().manual_seed(1))
+                if freeze:
+                    getattr(module, freeze).requires_grad_(False)
+        model(torch.randn(4, 6, generator=torch.Generator().manual_seed(2))).square().sum().backward()
+        grads[freeze] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[frozen] and all(frozen not in name for name in grads[frozen])
+    for name, grad in grads[frozen].items():
+        torch.testing.assert_close(grad, grads[None][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_engine_skipped_steps_is_zero_without_an_engine_or_its_count():
+    opt = randopt.RandLoRAAdamW([torch.nn.Linear(6, 5).weight], rank=2)
+    assert opt.engine_skipped_steps == 0
+    opt.engine = types.SimpleNamespace()  # an engine without the counter
+    assert opt.engine_skipped_steps == 0
+    opt.engine = types.SimpleNamespace(skipped_steps=3)
+    assert opt.engine_skipped_steps == 3
+
+
+@pytest.mark.parametrize("deepspeed,engine,warns", [(None, None, False), ("ds_config.json", None, True),
+                                                    ("ds_config.json", "an engine", False)])
+def test_callback_warns_that_it_cannot_see_the_engine_only_under_deepspeed(deepspeed, engine, warns):
+    """A callback given as ``Trainer(callbacks=[...])`` cannot find DeepSpeed's engine: it says so under DeepSpeed
+    when no engine is known, and never without DeepSpeed."""
+    opt = randopt.RandLoRAAdamW([torch.nn.Linear(6, 5).weight], rank=2)
+    opt.engine = engine
+    args = types.SimpleNamespace(learning_rate=opt.defaults["lr"], deepspeed=deepspeed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RandoptCallback().on_train_begin(args, None, None, optimizer=opt)
+    assert any("cannot see the engine" in str(w.message) for w in caught) == warns
+
+
+def test_restore_ranks_takes_a_peft_lora_config():
+    peft = pytest.importorskip("peft")
+    from randopt.lorasqueeze import restore_ranks
+
+    model = lora_llama()
+    config = peft.LoraConfig(r=1, lora_alpha=2, target_modules=LLAMA_TARGETS)
+    changed = restore_ranks(model, config)
+    assert changed and set(changed.values()) == {1}
+    assert all(module.r["default"] == 1 for module in model.modules() if hasattr(module, "lora_A"))
+
+
+def test_an_adapter_whose_alpha_pattern_gives_a_layer_alpha_0_is_refused_naming_the_layer():
+    from randopt.lorasqueeze.adapters import adapter_from_model, squeeze_adapter
+
+    config, tensors = adapter_from_model(lora_llama())
+    config = {**config, "alpha_pattern": {"q_proj": 0}}
+    with pytest.raises(ValueError, match=r"q_proj' has alpha 0 \(lora_alpha / alpha_pattern\), expected a positive"):
+        squeeze_adapter(config, tensors, rank=1)
+
+
+def test_dora_is_recognised_by_use_dora_alone_and_layers_without_it_squeeze():
+    """PEFT versions before ``lora_variant`` mark DoRA by ``use_dora`` only: still refused; a LoRA layer without a
+    ``use_dora`` attribute at all (other LoRA implementations) is plain LoRA and squeezes."""
+    peft = pytest.importorskip("peft")
+    from randopt.lorasqueeze import squeeze_in_training
+
+    dora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                             use_dora=True))
+    plain = lora_llama()
+    for model, remove in ((dora, "lora_variant"), (plain, "use_dora")):
+        for module in model.modules():
+            if hasattr(module, "lora_A") and hasattr(module, remove):
+                delattr(module, remove)
+    with pytest.raises(ValueError, match="uses a LoRA variant"):
+        squeeze_in_training(dora, None, rank=1)
+    assert {layer.rank for layer in squeeze_in_training(plain, None, rank=1).layers} == {1}
