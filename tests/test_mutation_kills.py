@@ -235,12 +235,12 @@ def test_deepspeed_block_defaults_to_rank_32_and_leaves_a_zero_0_config_alone():
 
 def test_randomized_cost_counts_two_products_per_power_iteration_and_two_more():
     """``2 * (power_iters + 1)`` products with the operator, as randomized_svd makes them."""
-    from randopt.lorasqueeze.export import _QR_COST, SVD_COST, export_costs
+    from randopt.lorasqueeze.export import SVD_COST, export_costs
 
     D, d, columns, width = 40, 16, 16, 12
     for power_iters in (0, 2):
         passes = 2 * (power_iters + 1)
-        expected = (columns * d + passes * (D + d) * columns * width + passes * _QR_COST * D * width ** 2
+        expected = (columns * d + passes * (D + d) * columns * width + passes * 2 * D * width ** 2  # QR: ~2 m k^2
                     + SVD_COST * d * width ** 2)
         assert export_costs(d, D, columns, 2, oversample=10, power_iters=power_iters,
                             exact_energy=False)["randomized"] == expected
@@ -1336,3 +1336,117 @@ def test_dora_is_recognised_by_use_dora_alone_and_layers_without_it_squeeze():
     with pytest.raises(ValueError, match="uses a LoRA variant"):
         squeeze_in_training(dora, None, rank=1)
     assert {layer.rank for layer in squeeze_in_training(plain, None, rank=1).layers} == {1}
+
+
+def test_keyword_arguments_are_the_constructors_named_options_only():
+    """What the constructors' option checks accept: neither ``self``, ``params`` nor ``*args``/``**kwargs``."""
+    from randopt.validation import keyword_arguments
+
+    class Optimizer:
+        def __init__(self, params, lr=1e-3, *args, betas=(0.9, 0.999), **kwargs):
+            pass
+
+    assert keyword_arguments(Optimizer) == ["lr", "betas"]
+    names = keyword_arguments(randopt.RandLoRAAdamW)
+    assert "lr" in names and "rank" in names and not {"self", "params"} & set(names)
+    with pytest.raises(ValueError, match="params"):
+        randopt.RandLoRAAdamW.check_arguments(params=[])
+
+
+def test_a_geometric_schedule_anneals_down_to_rank_1_and_an_equal_start_is_refused_as_such():
+    from randopt.lorasqueeze.training import RankSchedule
+
+    assert RankSchedule.geometric(8, 1, 100, 4).stages == ((0, 8), (25, 4), (50, 2), (75, 1))
+    with pytest.raises(ValueError, match="end rank must be below start rank, got start=1, end=1"):
+        RankSchedule.geometric(1, 1, 100, 4)
+
+
+def test_moments_projected_before_any_step_stay_zero():
+    """At step 0 no gradient was seen: zero moments map to zero moments (no bias correction by 1 - beta^0 = 0)."""
+    from randopt.lorasqueeze.functional import project_moments
+
+    matrix = torch.randn(2, 3, dtype=torch.float64)
+    for side, shape in (("left", (3, 4)), ("right", (4, 3))):
+        m, v = project_moments(torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64),
+                               matrix if side == "left" else matrix.T, side, betas=(0.9, 0.999), step=0)
+        assert not m.any() and not v.any(), side
+
+
+def test_the_squeeze_unwraps_an_optimizer_wrapping_itself_and_refuses_what_is_no_optimizer():
+    from randopt.lorasqueeze.training import unwrap_optimizer
+
+    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    inner.optimizer = inner
+    assert unwrap_optimizer(inner) is inner
+    for not_an_optimizer in (types.SimpleNamespace(param_groups=[]), types.SimpleNamespace(state={})):
+        with pytest.raises(ValueError, match="optimizer must be a torch.optim.Optimizer"):
+            unwrap_optimizer(not_an_optimizer)
+
+
+def test_an_exact_svd_of_factors_is_immutable():
+    import dataclasses
+
+    from randopt.lorasqueeze.functional import factored_svd
+
+    svd = factored_svd(torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64), 2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        svd.S = None
+
+
+def test_the_trainable_share_of_an_empty_model_is_zero():
+    from randopt.trainable import TrainableSummary
+
+    assert TrainableSummary(0, 0).percent == 0.0 and TrainableSummary(1, 4).percent == 25.0
+
+
+def test_state_kept_like_a_sharded_parameter_has_its_global_row_major_strides(one_rank_group):
+    """DCP checkpoints read a DTensor's global shape and strides: state kept with ``shard_like`` has those of a
+    contiguous tensor of the parameter's global shape."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from randopt.optim.locators import shard_like
+
+    for shape in ((4, 3), (5, 3, 2), (6,)):
+        like = distribute_tensor(torch.zeros(shape), one_rank_group, [Shard(0)])
+        state = shard_like(torch.ones(shape), like)
+        assert state.shape == like.shape and state.stride() == torch.empty(shape).stride(), shape
+    wider = shard_like(torch.ones(4, 5), like=distribute_tensor(torch.zeros(4, 3), one_rank_group, [Shard(0)]),
+                       shape=(4, 5))
+    assert wider.stride() == (5, 1)
+
+
+@pytest.mark.parametrize("storage", ["zero", "fsdp2"])
+def test_lorapro_sharded_steps_report_each_real_steps_adjustment_like_whole_steps(one_rank_group, storage):
+    """``metrics()`` describes the last real step: under sharding (one call per group under ZeRO) as without."""
+    from test_step_guarantees import LoRAProRun
+
+    for mode in ("full", "efficient"):
+        runs = [LoRAProRun(storage, mode, "fp32"), LoRAProRun("whole", mode, "fp32")]
+        for seed in range(3):
+            for run in runs:
+                run.set_gradients(seed)
+                run.step()
+            sharded, whole = (run.optimizer.metrics() for run in runs)
+            assert sharded == pytest.approx(whole, rel=1e-12), (mode, seed)
+
+
+def test_the_forward_tells_the_cost_model_which_gradients_the_backward_will_need(monkeypatch):
+    """The merged/factored forward route is chosen by cost, counting the backward's needs: no input gradient for a
+    first layer whose input does not require one, no coefficient gradients when both coefficients are frozen."""
+    from randopt.randlora import autograd as autograd_core
+
+    asked = []
+    choose = autograd_core._forward_merged
+    monkeypatch.setattr(autograd_core, "_forward_merged",
+                        lambda layer, tokens, same_input, needs_input, needs_coefficients, dtype=None:
+                        asked.append((same_input, needs_input, needs_coefficients))
+                        or choose(layer, tokens, same_input, needs_input, needs_coefficients, dtype))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8))
+    randopt.inject_randlora(model, ["0"], rank=2)
+    x = torch.randn(4, 6)
+    model(x)
+    model(x.requires_grad_())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model(x)
+    assert asked == [(True, False, True), (True, True, True), (True, True, False)]
