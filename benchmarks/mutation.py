@@ -116,6 +116,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a default no library code uses: the only caller, RandLoRALinearFunction.forward, passes needs_coefficients "
         "(tests and benchmarks/layer_speed.py call the cost model directly); the route it picks computes the same "
         "product either way, only its cost differs",
+    ("randopt/optim/lorapro_adamw.py", 'other = _MOMENTS[0] if group["mode"] == "full" else _FULL_MOMENTS[0]', "0 -> 1"):
+        "looks for the other mode's second moment instead of its first (either of the two mutants of the line): a "
+        "mode's two moments are always there together, in the same encoding (made together; a loaded state holds "
+        "all of a mode's moments or none, check_saved_state)",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original

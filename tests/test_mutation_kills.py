@@ -1450,3 +1450,163 @@ def test_the_forward_tells_the_cost_model_which_gradients_the_backward_will_need
         p.requires_grad_(False)
     model(x)
     assert asked == [(True, False, True), (True, True, True), (True, True, False)]
+
+
+def test_set_bases_replaces_the_bases_already_cached_for_a_device():
+    from randopt.randlora.bases import make_bases
+
+    opt = randopt.RandLoRAAdamW([torch.nn.Linear(6, 5).weight], rank=2)
+    group = opt.param_groups[0]
+    cached = opt.bases_for(group, "cpu", torch.float32)
+    imported = make_bases((5, 6), 2, seed=9)
+    opt.set_bases(imported, group)
+    assert opt.bases_for(group, "cpu", torch.float32).fingerprint == imported.fingerprint != cached.fingerprint
+
+
+def test_a_lora_pair_of_two_dtypes_is_refused():
+    from randopt.optim.lorapro_adamw import lorapro_groups
+
+    A = torch.nn.Parameter(torch.zeros(2, 6))
+    B = torch.nn.Parameter(torch.zeros(5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must share dtype and device"):
+        randopt.LoRAProAdamW(lorapro_groups([(A, B, 2.0)]))
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_zero_partitions_without_a_process_group_step_exactly_like_whole_tensors(mode):
+    """DeepSpeed's partitions in a process without torch.distributed initialised: one rank, which holds every pair's
+    moments, so the step is the whole-tensor step."""
+    import torch.distributed as dist
+
+    from test_step_guarantees import LoRAProRun
+
+    assert not dist.is_initialized()
+    runs = [LoRAProRun("zero", mode, "fp32"), LoRAProRun("whole", mode, "fp32")]
+    for seed in range(2):
+        for run in runs:
+            run.set_gradients(seed)
+            run.step()
+    for unit in ("pair0", "pair1"):
+        sharded, whole = (run.unit(unit) for run in runs)
+        assert {k for k in sharded if not k.endswith(".span")} == whole.keys()  # the fragments' spans: ZeRO's own
+        assert all(torch.equal(sharded[k].view(-1), whole[k].view(-1)) for k in whole), unit
+
+
+def _randlora_on_partitions(model=None):
+    """RandLoRAAdamW on DeepSpeed ZeRO's flat partitions (one process): a RandLoRA matrix and a plain matrix."""
+    from test_step_guarantees import zero_partitions
+
+    if model is None:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(5, 4, bias=False))
+    opt = randopt.RandLoRAAdamW([{"params": [model[0].weight], "rank": 2}, {"params": [model[1].weight], "rank": None}],
+                                lr=1e-2)
+    return model, opt, zero_partitions(opt)
+
+
+def _zero_backward_and_step(model, opt, seed, poison=None):
+    from test_step_guarantees import zero_gradients, zero_step
+
+    model.zero_grad()
+    model(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+    if poison is not None:
+        poison.grad[0, 0] = float("nan")
+    zero_gradients(opt)
+    zero_step(opt)
+    for group in opt.param_groups:  # what DeepSpeed does after step(): partitions to the model
+        for p in opt._params_of(group):
+            p._hp_mapping.update_lp()
+
+
+def test_randlora_under_zero_resumes_from_its_state_dict_and_refuses_state_of_another_partitioning():
+    """Each rank saves the fragments it owns with their span: a fresh optimizer on the same partitions loads them and
+    steps on exactly as the original does; a span from another partitioning is refused at the step, with the plain
+    parameter untouched."""
+    torch.manual_seed(0)
+    model, opt, masters = _randlora_on_partitions()
+    _zero_backward_and_step(model, opt, 0)
+    saved = copy.deepcopy(opt.state_dict())
+    twin, resumed, twin_masters = _randlora_on_partitions(copy.deepcopy(model))
+    resumed.load_state_dict(saved)
+    _zero_backward_and_step(model, opt, 1)
+    _zero_backward_and_step(twin, resumed, 1)
+    assert all(torch.equal(twin_masters[q], masters[p]) for q, p in zip(twin.parameters(), model.parameters()))
+    numel = model[1].weight.numel()
+    assert saved["state"][1]["span"].tolist() == [0, numel]
+    saved["state"][1]["span"] = torch.tensor([2, numel])  # as saved by a rank that owned elements 2.. of it
+    other, other_opt, other_masters = _randlora_on_partitions(copy.deepcopy(model))
+    other_opt.load_state_dict(saved)
+    before = other_masters[other[1].weight].clone()
+    with pytest.raises(RuntimeError, match="saved with a different partitioning"):
+        _zero_backward_and_step(other, other_opt, 2)
+    assert torch.equal(other_masters[other[1].weight], before)
+
+
+def test_randlora_under_zero_skips_and_counts_a_matrix_with_a_nonfinite_gradient():
+    model, opt, masters = _randlora_on_partitions()
+    _zero_backward_and_step(model, opt, 0)
+    before = masters[model[0].weight].clone(), opt.state[model[0].weight]["lambda"].clone()
+    _zero_backward_and_step(model, opt, 1, poison=model[0].weight)
+    assert int(opt.state[model[0].weight]["nonfinite_skips"]) == 1 and opt.nonfinite_skips == 1
+    assert torch.equal(masters[model[0].weight], before[0])
+    assert torch.equal(opt.state[model[0].weight]["lambda"], before[1])
+
+
+def test_bases_of_a_single_entry_are_drawn_without_warnings():
+    """Rank 1 for a 1 x 1 layer: A has one entry, whose standard deviation is undefined; its magnitude is used."""
+    from randopt.randlora.bases import make_bases
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bases = make_bases((1, 1), 1)
+    assert bases.A.abs().item() == 1.0
+
+
+def test_a_rank_schedule_shows_its_stages():
+    from randopt.lorasqueeze import RankSchedule
+
+    assert repr(RankSchedule([(0, 8), (5, 2)])) == "RankSchedule([(0, 8), (5, 2)])"
+
+
+def test_an_adapter_holding_its_bases_only_with_a_layer_imports_them(tmp_path):
+    """Bases stored per layer (as PEFT also writes them) instead of once at the top: one layer's copy is enough, and
+    the imported model reproduces the trained one."""
+    from test_peft_interop import base_model, logits, rewrite_weights, trained
+
+    from randopt.integrations.peft import _checksum, export_randlora_adapter
+
+    model, opt = trained("llama-linear", steps=1)
+    adapter = export_randlora_adapter(model, opt, tmp_path / "adapter")
+    rewritten = {}
+
+    def bases_with_one_layer(tensors):
+        shared = {leaf: tensors.pop(f"base_model.{leaf}") for leaf in ("randlora_A", "randlora_B")}
+        layer = next(k for k in tensors if k.endswith(".randlora_lambda")).removesuffix(".randlora_lambda")
+        tensors.update({f"{layer}.{leaf}": value for leaf, value in shared.items()})
+        rewritten.update(tensors)
+
+    rewrite_weights(adapter, change_tensors=bases_with_one_layer,
+                    change_metadata=lambda meta: meta.update(tensors_sha256=_checksum(rewritten)))
+    imported = base_model("llama-linear")
+    load_randlora_adapter(imported, adapter)
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(imported, tokens), logits(model, tokens), rtol=1e-10, atol=1e-10)
+
+
+def test_lora_layers_that_name_their_adapter_the_older_way_or_not_at_all_are_found():
+    """LoRA layers from other code than PEFT's current one: ``active_adapter`` (one name) where ``active_adapters``
+    is missing, and ``"default"`` where neither is set."""
+    from randopt.lorasqueeze.training import lora_pairs
+
+    class Layer(torch.nn.Module):
+        def __init__(self, adapter):
+            super().__init__()
+            self.base_layer = torch.nn.Linear(6, 5)
+            self.lora_A = torch.nn.ModuleDict({adapter: torch.nn.Linear(6, 2, bias=False)})
+            self.lora_B = torch.nn.ModuleDict({adapter: torch.nn.Linear(2, 5, bias=False)})
+            self.r, self.lora_alpha, self.scaling = {adapter: 2}, {adapter: 4}, {adapter: 2.0}
+
+    named = Layer("mine")
+    named.active_adapter = "mine"
+    model = torch.nn.ModuleDict({"named": named, "unnamed": Layer("default")})
+    assert sorted((pair.name, pair.adapter) for pair in lora_pairs(model)) == [("named", "mine"),
+                                                                              ("unnamed", "default")]
