@@ -120,6 +120,12 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "looks for the other mode's second moment instead of its first (either of the two mutants of the line): a "
         "mode's two moments are always there together, in the same encoding (made together; a loaded state holds "
         "all of a mode's moments or none, check_saved_state)",
+    ("randopt/optim/lorapro_adamw.py", 'if weight.data.numel() == getattr(weight, "ds_numel", -1):', "1 -> 2"):
+        "the default stands for a W0 without ds_numel (never equal to a tensor's numel); numel() is never negative, "
+        "so -2 is never equal to it either",
+    ("randopt/optim/lorapro_adamw.py", "device = factors[0].device", "0 -> 1"):
+        "factors[0] and factors[1] are the first pair's A and B, which the optimizer requires to share a device "
+        "(refused at construction otherwise)",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original
