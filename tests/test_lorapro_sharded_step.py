@@ -4,28 +4,12 @@ tests/test_step_guarantees.py) and its state checks: tests written for mutants t
 import copy
 
 import torch
-import torch.distributed as dist
 
 from randopt.optim.functional import adamw_results
 from test_mutation_kills import one_rank_group, second_rank  # noqa: F401 (fixtures)
 from test_step_guarantees import LoRAProRun, same, zero_gradients
 
 UNITS = ("pair0", "plain W", "plain b", "pair1")
-
-
-def test_under_zero_without_a_process_group_full_mode_trains_exactly_like_whole_tensors():
-    """ZeRO's flat partitions in a process without ``torch.distributed`` (one rank, no group): this rank is rank 0
-    of 1, so it holds every pair's moments and steps them exactly as plain training does."""
-    assert not dist.is_initialized()  # first in this module: no fixture has made a group yet
-    run, alone = LoRAProRun("zero", "full", "fp32"), LoRAProRun("whole", "full", "fp32")
-    for seed in range(2):
-        for r in (run, alone):
-            r.set_gradients(seed)
-            r.step()
-    for unit in ("pair0", "pair1"):
-        assert same(run.unit(unit), alone.unit(unit)), unit
-    assert "A1.w_exp_avg" in run.unit("pair1")
-    assert torch.equal(run.unit("plain W")["W"], alone.unit("plain W")["W"])  # its moments: flat fragments here
 
 
 def _step_call_by_call(run) -> None:
