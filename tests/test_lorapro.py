@@ -487,3 +487,13 @@ def test_step_is_counted_per_pair(tokens):
     assert int(opt.state[pairs[0].A]["step"]) == 2
     assert all(int(opt.state[p.A]["step"]) == 3 for p in pairs[1:])
     assert sum(opt.skipped_steps.values()) == 0
+
+
+def test_full_mode_refuses_a_decay_step_larger_than_the_weight_and_efficient_mode_does_not_need_the_limit():
+    """Full mode decays W by sqrt(1 - lr * weight_decay): lr * weight_decay > 1 is refused there, naming both
+    values; efficient mode decays the factors like AdamW and takes it."""
+    model = lora_model(tiny_llama, LLAMA_TARGETS)
+    with pytest.raises(ValueError, match=r"lr \* weight_decay must be <= 1 in full mode.*2\.0 \* 0\.75"):
+        LoRAProAdamW(model, lr=2.0, weight_decay=0.75, mode="full")
+    LoRAProAdamW(model, lr=2.0, weight_decay=0.75, mode="efficient")
+    LoRAProAdamW(model, lr=2.0, weight_decay=0.5, mode="full")  # exactly 1: W decays to zero, allowed
