@@ -116,6 +116,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
         "a default no library code uses: the only caller, RandLoRALinearFunction.forward, passes needs_coefficients "
         "(tests and benchmarks/layer_speed.py call the cost model directly); the route it picks computes the same "
         "product either way, only its cost differs",
+    ("randopt/randlora/autograd.py",
+     "needs_coefficients: bool = True, through_bases: bool = False, dtype=None) -> bool:", "True -> False"):
+        "a default nothing uses: every caller of _backward_merged (RandLoRALinearFunction.backward, "
+        "tests/test_randlora_core.py, benchmarks/layer_speed.py) passes needs_coefficients",
     ("randopt/optim/lorapro_adamw.py", 'other = _MOMENTS[0] if group["mode"] == "full" else _FULL_MOMENTS[0]', "0 -> 1"):
         "looks for the other mode's second moment instead of its first (either of the two mutants of the line): a "
         "mode's two moments are always there together, in the same encoding (made together; a loaded state holds "
