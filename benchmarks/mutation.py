@@ -130,6 +130,13 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/optim/lorapro_adamw.py", "device = factors[0].device", "0 -> 1"):
         "factors[0] and factors[1] are the first pair's A and B, which the optimizer requires to share a device "
         "(refused at construction otherwise)",
+    ("randopt/optim/lorapro_adamw.py", 'if group["mode"] == "full" and not _all_finite(gA_lora, gB_lora):',
+     "Eq -> NotEq"): "moves the early skip of a non-finite pair from full to efficient mode: in full mode a non-finite "
+                     "gradient makes the updated factors non-finite, which the check after the update catches (the "
+                     "pair's step copy is rebuilt from the stored state and the skip counted, on every rank alike); in "
+                     "efficient mode the adjustment skips and counts the pair itself. Same skips, same state "
+                     "(test_under_zero_a_pair_with_a_nonfinite_gradient_is_skipped_and_counted passes on it); only "
+                     "the wasted work differs",
 }
 
 # (module, original line stripped, mutation) -> why only a multi-process run can tell the mutant from the original

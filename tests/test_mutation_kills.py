@@ -1610,3 +1610,94 @@ def test_lora_layers_that_name_their_adapter_the_older_way_or_not_at_all_are_fou
     model = torch.nn.ModuleDict({"named": named, "unnamed": Layer("default")})
     assert sorted((pair.name, pair.adapter) for pair in lora_pairs(model)) == [("named", "mine"),
                                                                               ("unnamed", "default")]
+
+
+def test_lr_times_weight_decay_above_1_is_refused_in_full_mode_only():
+    """Full mode decays W by ``sqrt(1 - lr * wd)`` per factor, which needs ``lr * wd <= 1``; efficient mode's plain
+    AdamW decay does not."""
+    from randopt.optim.lorapro_adamw import lorapro_groups
+
+    def pair():
+        return torch.nn.Parameter(torch.randn(2, 6)), torch.nn.Parameter(torch.randn(5, 2))
+
+    with pytest.raises(ValueError, match=r"lr \* weight_decay must be <= 1 in full mode"):
+        randopt.LoRAProAdamW(lorapro_groups([(*pair(), 2.0)]), lr=2.0, weight_decay=1.0, mode="full")
+    randopt.LoRAProAdamW(lorapro_groups([(*pair(), 2.0)]), lr=2.0, weight_decay=1.0, mode="efficient")
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_under_zero_a_pair_with_a_nonfinite_gradient_is_skipped_and_counted(mode):
+    from test_step_guarantees import LoRAProRun, same, zero_gradients
+
+    run = LoRAProRun("zero", mode, "fp32")
+    run.set_gradients(0)
+    run.step()
+    run.set_gradients(1)
+    run.params["A0"].grad[0, 0] = float("nan")
+    zero_gradients(run.optimizer)
+    before = {name: run.unit(name) for name in ("pair0", "pair1")}
+    run.step()
+    assert run.optimizer.skipped_steps == {"pair0": 1, "pair1": 0}
+    after = run.unit("pair0")
+    assert all(torch.equal(after[k], before["pair0"][k]) for k in ("A0", "B0"))
+    assert not same(run.unit("pair1"), before["pair1"]), "the other pair steps"
+
+
+def test_under_zero_the_pairs_of_earlier_calls_get_their_low_precision_copies_rewritten():
+    """DeepSpeed copies a partition to its low-precision parameters right after the ``step()`` call that carried it;
+    a pair is stepped in the real step's last call, so the copies of factors carried by earlier calls are rewritten
+    by the optimizer (here the parameters themselves play the copies)."""
+    from test_step_guarantees import LoRAProRun
+
+    for mode in ("full", "efficient"):
+        run = LoRAProRun("zero", mode, "fp32")
+        run.set_gradients(0)
+        run.step()  # pair0 is carried by the first of three calls
+        for name in ("A0", "B0"):
+            assert torch.equal(run.params[name].data, run.masters[name]), (mode, name)
+
+
+def test_under_zero_a_ranks_state_without_the_moments_of_pairs_it_does_not_own_loads(second_rank):
+    """Full mode keeps pair i's moments on rank i % world: rank 0 of 2 saves pair 1 without them, and loads that."""
+    from test_step_guarantees import LoRAProRun
+
+    second_rank["sends"] = torch.zeros_like
+    run = LoRAProRun("zero", "full", "fp32")
+    run.set_gradients(0)
+    run.step()
+    saved = run.optimizer.state_dict()
+    resumed = LoRAProRun("zero", "full", "fp32")
+    resumed.optimizer.load_state_dict(saved)
+    assert {k for k in resumed.unit("pair1") if "exp_avg" in k} == set()
+    assert resumed.unit("pair1")["A1.step"] == 1 and "A0.w_exp_avg" in resumed.unit("pair0")
+
+
+def test_loading_a_state_dict_in_the_middle_of_a_zero_real_step_starts_a_new_one():
+    """A real step interrupted after its first ``step()`` call (DeepSpeed shows one group per call), then a
+    checkpoint loaded: the next real step starts afresh and steps exactly like one from that checkpoint."""
+    from test_step_guarantees import LoRAProRun, same
+
+    runs = [LoRAProRun("zero", "full", "fp32") for _ in range(2)]
+    for run in runs:
+        run.set_gradients(0)
+        run.step()
+    saved = runs[0].optimizer.state_dict()
+    interrupted, reference = runs
+    interrupted.set_gradients(1)
+    groups = interrupted.optimizer.param_groups
+    interrupted.optimizer.param_groups = [groups[0]]
+    try:
+        interrupted.optimizer.step()  # the first call only
+    finally:
+        interrupted.optimizer.param_groups = groups
+    for run in runs:
+        run.optimizer.load_state_dict(saved)
+        run.set_gradients(1)
+        run.step()
+    assert all(same(interrupted.unit(name), reference.unit(name)) for name in ("pair0", "pair1"))
+
+
+def test_adamw_results_of_no_parameters_are_empty():
+    from randopt.optim.functional import adamw_results
+
+    assert adamw_results([], [], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.01) == ([], [], [])
