@@ -1701,3 +1701,19 @@ def test_adamw_results_of_no_parameters_are_empty():
     from randopt.optim.functional import adamw_results
 
     assert adamw_results([], [], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.01) == ([], [], [])
+
+
+def test_randlora_adamw_checkpoint_after_in_squeeze_records_the_squeezed_shapes_and_loads():
+    """In-Squeeze replaces LoRA factors by smaller ones: the optimizer's checkpoint records the new shapes, so it
+    loads into an optimizer over the squeezed model (it used to keep the pre-squeeze shapes and be refused)."""
+    from randopt.lorasqueeze import squeeze_in_training
+
+    model = lora_llama()
+    factors = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    opt = randopt.RandLoRAAdamW(factors(), rank=None, lr=1e-2)  # plain AdamW on the LoRA factors
+    train(model, opt, 2)
+    squeeze_in_training(model, opt, rank=1)
+    train(model, opt, 1)
+    saved = opt.state_dict()
+    assert saved["param_shapes"] == [list(p.shape) for p in factors()]
+    randopt.RandLoRAAdamW(factors(), rank=None, lr=1e-2).load_state_dict(saved)

@@ -264,10 +264,11 @@ class RandLoRAAdamW(PartitionAwareOptimizer):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._project_in_backward))
 
     def _parameters_replaced(self, replaced: dict) -> None:
-        for table in (self._shapes, self._group_of):
-            for old, new in replaced.items():
-                if old in table:
-                    table[new] = table.pop(old)
+        for old, new in replaced.items():
+            if old in self._group_of:
+                self._group_of[new] = self._group_of.pop(old)
+            if self._shapes.pop(old, None) is not None:  # the new shape: In-Squeeze gives smaller factors
+                self._shapes[new] = logical_shape(new)
 
     def bases_for(self, group: dict, device, dtype) -> RandLoRABases:
         key = (self._bases_key(group), str(device), dtype)
