@@ -85,6 +85,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     ("randopt/randlora/layer.py", "check_rank(rank)", "drop call"):
         "a repeated check: make_bases and RandLoRALinear check the rank with the same message before any layer is "
         "replaced (with bases given, the bases-rank comparison refuses it first)",
+    ("randopt/optim/randlora_adamw.py", "if self._shapes.pop(old, None) is not None:  # the new shape: In-Squeeze gives "
+     "smaller factors", "IsNot -> Is"):
+        "leaves a replaced parameter's shape unrecorded instead of recording logical_shape(new): _shape falls back to "
+        "logical_shape(p) for an unrecorded parameter, so both read the new parameter's logical shape",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",
