@@ -89,6 +89,10 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
      "smaller factors", "IsNot -> Is"):
         "leaves a replaced parameter's shape unrecorded instead of recording logical_shape(new): _shape falls back to "
         "logical_shape(p) for an unrecorded parameter, so both read the new parameter's logical shape",
+    ("randopt/optim/randlora_adamw.py", "return shape if shape is not None else logical_shape(p)", "IsNot -> Is"):
+        "returns logical_shape(p) for a recorded parameter (None for an unrecorded one): _shape is only asked about "
+        "the parameters of the groups, each recorded as logical_shape(p) when its group was added or when it "
+        "replaced one (In-Squeeze, FSDP2), and ZeRO-3's placeholders keep that shape in ds_shape",
     ("randopt/optim/randlora_adamw.py", "old = required.get(key, (0, 0))", "0 -> 1"):
         "the running maximum of the sides starts at 0; starting at 1 differs only for a matrix with a zero-length "
         "side, which _validate_group refuses first (its rank exceeds the smaller side, 0)",
