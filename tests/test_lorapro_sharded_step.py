@@ -7,24 +7,9 @@ import torch
 
 from randopt.optim.functional import adamw_results
 from test_mutation_kills import one_rank_group, second_rank  # noqa: F401 (fixtures)
-from test_step_guarantees import LoRAProRun, same, zero_gradients
+from test_step_guarantees import LoRAProRun, same, zero_gradients, zero_step
 
 UNITS = ("pair0", "plain W", "plain b", "pair1")
-
-
-def _step_call_by_call(run) -> None:
-    """One real step as DeepSpeed ZeRO 1/2 makes it, with what it does after each ``step()`` call: copy that call's
-    partition to the model's (low-precision) parameters."""
-    optimizer = run.optimizer
-    groups = optimizer.param_groups
-    try:
-        for group in list(groups):
-            optimizer.param_groups = [group]
-            optimizer.step()
-            for p in optimizer._params_of(group):
-                p._hp_mapping.update_lp()
-    finally:
-        optimizer.param_groups = groups
 
 
 def test_under_zero_the_model_copies_of_pairs_stepped_in_earlier_calls_are_refreshed():
@@ -36,7 +21,7 @@ def test_under_zero_the_model_copies_of_pairs_stepped_in_earlier_calls_are_refre
         for seed in range(2):
             run.set_gradients(seed)
             before = run.masters["A0"].clone()
-            _step_call_by_call(run)
+            zero_step(run.optimizer, copy_to_model=True)
             assert not torch.equal(run.masters["A0"], before)
             for name, param in run.params.items():
                 assert torch.equal(param.detach(), run.masters[name]), (mode, name)

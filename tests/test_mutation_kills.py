@@ -1521,24 +1521,16 @@ def test_randlora_under_zero_refreshes_the_model_copy_of_a_matrix_carried_by_an_
     """Under ZeRO a RandLoRA matrix carried by an earlier ``step()`` call of a real step is updated in its last call,
     after DeepSpeed copied the earlier call's partition to the model: the optimizer refreshes that copy, so after the
     real step every model weight equals its master."""
-    from test_step_guarantees import zero_gradients
+    from test_step_guarantees import zero_gradients, zero_step
 
     torch.manual_seed(0)
     model, opt, masters = _randlora_on_partitions()
-    groups = opt.param_groups
     for seed in range(2):
         model.zero_grad()
         model(torch.randn(3, 6, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
         zero_gradients(opt)
         before = model[0].weight.detach().clone()
-        try:
-            for group in list(groups):  # one call per group, each followed by DeepSpeed's copy to the model
-                opt.param_groups = [group]
-                opt.step()
-                for p in opt._params_of(group):
-                    p._hp_mapping.update_lp()
-        finally:
-            opt.param_groups = groups
+        zero_step(opt, copy_to_model=True)
         assert not torch.equal(model[0].weight, before)
         for param, master in masters.items():
             assert torch.equal(param.detach(), master)

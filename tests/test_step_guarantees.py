@@ -287,13 +287,18 @@ def zero_gradients(optimizer) -> None:
         group["params"][0].grad = torch.cat([q.grad.reshape(-1) for q in optimizer._params_of(group)])
 
 
-def zero_step(optimizer) -> None:
-    """One real step as DeepSpeed ZeRO 1/2 makes it: one ``step()`` call per group, showing only that group."""
+def zero_step(optimizer, copy_to_model: bool = False) -> None:
+    """One real step as DeepSpeed ZeRO 1/2 makes it: one ``step()`` call per group, showing only that group; with
+    ``copy_to_model``, also what DeepSpeed does after each call: copy that call's partition to the model's
+    (low-precision) parameters."""
     groups = optimizer.param_groups
     try:
         for group in list(groups):
             optimizer.param_groups = [group]
             optimizer.step()
+            if copy_to_model:
+                for p in optimizer._params_of(group):
+                    p._hp_mapping.update_lp()
     finally:
         optimizer.param_groups = groups
 
